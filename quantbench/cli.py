@@ -1,0 +1,138 @@
+"""The ``quantbench`` command line (typer). Each command parses its flags, then calls one library function.
+
+Every command takes ``--plugin MODULE_OR_FILE`` (repeatable) so a user's own quantizer is available to it;
+``QUANTBENCH_PLUGINS`` and the ``quantbench.quantizers`` entry-point group are read as well. Expected failures
+(unknown names, bad bits, missing data, a plugin that does not import) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+import quantizers
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="quantbench: which quantizer should I trust at 2, 3, 4 and 8 bits, measured the same way?",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+PluginOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--plugin", help="Import a module or .py file that registers quantizers (repeatable)."),
+]
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input, not a bug: reported as one line."""
+    errors: list[type[BaseException]] = [quantizers.QuantizerError]
+    try:
+        from quantbench.datasets import DatasetNotFoundError
+
+        errors.append(DatasetNotFoundError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def parse_csv_ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise quantizers.QuantizerError(f"{what} must be comma-separated integers, e.g. 2,3,4,8; got {text!r}") from None
+
+
+def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
+    """``["grad_scale=numel", "grad_scale_mult=10"]`` -> ``{"grad_scale": "numel", "grad_scale_mult": 10}``."""
+    settings: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, separator, raw = pair.partition("=")
+        if not separator or not key.strip():
+            raise quantizers.QuantizerError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            value: Any = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare word such as numel
+        settings[key.strip()] = value
+    return settings
+
+
+@app.command("list")
+def list_command(plugin: PluginOption = None) -> None:
+    """Show the registered quantizers (plugins included), datasets and models."""
+    quantizers.load_plugins(plugin or [])
+    table = Table(title="quantizers", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    table.add_column("options (default)")
+    for name in quantizers.available():
+        options = ", ".join(f"{key}={value!r}" for key, value in quantizers.options_of(name).items())
+        table.add_row(name, quantizers.get(name).description, options)
+    console.print(table)
+    for title, module_name, names, info in (
+        ("datasets", "quantbench.datasets", "available_datasets", "dataset_info"),
+        ("models", "quantbench.models", "available_models", "model_info"),
+    ):
+        try:
+            module = __import__(module_name, fromlist=[names])
+        except ImportError:
+            continue
+        table = Table(title=title, title_justify="left")
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        for name in getattr(module, names, list)():
+            table.add_row(name, getattr(module, info)(name))
+        console.print(table)
+
+
+@app.command("check")
+def check_command(
+    name: Annotated[str, typer.Argument(help="Registered quantizer name.")],
+    plugin: PluginOption = None,
+    bits: Annotated[str, typer.Option(help="Bit widths to check, comma separated.")] = "2,3,4,8",
+    examples: Annotated[int, typer.Option(help="Hypothesis examples per property and configuration.")] = 25,
+    set_option: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Quantizer option KEY=VALUE (repeatable).")
+    ] = None,
+) -> None:
+    """Run the conformance kit on a quantizer; exits non-zero if any check fails."""
+    from quantbench.testing import run_checks
+
+    quantizers.load_plugins(plugin or [])
+    bit_widths = parse_csv_ints(bits, "--bits")
+    with console.status(f"checking '{name}'"):
+        report = run_checks(name, bits=bit_widths, examples=examples, options=parse_settings(set_option))
+    table = Table(title=f"conformance of quantizer '{name}'", title_justify="left")
+    table.add_column("check", style="bold")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    styles = {"pass": "green", "FAIL": "bold red", "n/a": "yellow"}
+    for check, status, detail in report.summary_rows():
+        table.add_row(check, f"[{styles[status]}]{status}[/]", escape(detail))
+    console.print(table)
+    if not report.passed:
+        for failure in report.failures():
+            console.print(f"[red]FAIL[/] {escape(f'{failure.check} [{failure.config}]: {failure.detail}')}")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning expected errors into one line and exit status 2."""
+    try:
+        app()
+    except _expected_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

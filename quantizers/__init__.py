@@ -1,0 +1,38 @@
+"""quantbench's quantizers: one interface, a registry, and the straight-through primitives they are built from.
+
+    import quantizers
+    q = quantizers.create("lsq", bits=2, signed=False)   # an nn.Module
+    quantizers.available()                                # ['fixed', 'lsq', 'pact', 'qil', ...plugins]
+
+Write your own in one file: subclass ``Quantizer``, build ``quantize`` from ``round_ste`` / ``stop_gradient`` /
+``scale_grad``, decorate with ``@quantizers.register("name")`` and load it with ``--plugin your_file.py``.
+"""
+
+from .base import MAX_BITS, MIN_BITS, Quantizer, QuantizerError, lsq_init_step
+from .primitives import lsq_quantize, record_surrogate, replay_surrogate, round_ste, scale_grad, stop_gradient
+from .registry import ENTRY_POINT_GROUP, PLUGIN_ENV_VAR, available, create, get, load_plugins, options_of, register
+
+# Built-in quantizers register themselves on import (one file per family).
+from . import fixed, lsq, pact, qil  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "Quantizer",
+    "QuantizerError",
+    "MIN_BITS",
+    "MAX_BITS",
+    "create",
+    "register",
+    "available",
+    "get",
+    "options_of",
+    "load_plugins",
+    "ENTRY_POINT_GROUP",
+    "PLUGIN_ENV_VAR",
+    "round_ste",
+    "stop_gradient",
+    "scale_grad",
+    "lsq_quantize",
+    "lsq_init_step",
+    "record_surrogate",
+    "replay_surrogate",
+]

@@ -1,0 +1,155 @@
+"""The one interface every quantizer implements.
+
+A quantizer is an ``nn.Module`` that maps a float tensor to its quantized value at the input's scale. Subclasses
+write four things: ``quantize(v)`` (the forward, built from :mod:`quantizers.primitives`), ``set_step(step)`` (place
+the quantizer at a uniform step so different methods can start from the same operating point), ``levels()`` (the
+values it can output now) and, optionally, ``initialize(v)`` (data-driven init; the default is LSQ's rule, which
+calls ``set_step``). Everything else (bit-width validation, Q_N / Q_P, init-on-first-forward kept in ``state_dict``,
+dtype checks, metadata) lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+MIN_BITS, MAX_BITS = 2, 16
+ROLES = ("weight", "activation")
+
+
+class QuantizerError(ValueError):
+    """Bad input to a quantizer or the registry: the message is one line that names the fix."""
+
+
+class Quantizer(nn.Module):
+    """Base class of every quantizer: ``Quantizer(bits, signed, role=None)``.
+
+    ``qn`` and ``qp`` have the LSQ paper's meaning, the number of negative and positive levels:
+    unsigned: Q_N = 0, Q_P = 2^b - 1; signed: Q_N = 2^(b-1), Q_P = 2^(b-1) - 1.
+    ``role`` says what the tensor is ("weight" or "activation"); it defaults to "weight" when signed and
+    "activation" when unsigned, and only changes conventions that the papers tie to it (LSQ's N for the gradient
+    scale, QIL's learnable gamma, PACT's DoReFa weights).
+    """
+
+    #: set by ``@quantizers.register``
+    registry_name: ClassVar[str] = ""
+    #: one line shown by ``quantbench list``; defaults to the first line of the class docstring
+    description: ClassVar[str] = ""
+    #: False (on the class or an instance) when re-quantizing the quantizer's own output is not the identity
+    #: (DoReFa's tanh warp); the conformance kit then reports idempotence as not applicable instead of failing it.
+    idempotent: bool = True
+
+    def __init__(self, bits: int, signed: bool, role: str | None = None) -> None:
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise QuantizerError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise QuantizerError(f"bits={bits} is out of range: choose {MIN_BITS}..{MAX_BITS}")
+        role = role or ("weight" if signed else "activation")
+        if role not in ROLES:
+            raise QuantizerError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        self.bits = bits
+        self.signed = bool(signed)
+        self.role = role
+        self.qn = 2 ** (bits - 1) if signed else 0
+        self.qp = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        # A buffer, so a reloaded model does not re-initialize; mirrored in a Python bool so the hot path does not
+        # synchronize with the device to read it.
+        self.register_buffer("initialized", torch.tensor(False))
+        self._is_initialized = False
+
+    # ---- what subclasses write ---------------------------------------------------------------------------------
+
+    def quantize(self, v: Tensor) -> Tensor:
+        """The quantized value of ``v`` (already initialized, float): same shape and dtype, at ``v``'s scale."""
+        raise NotImplementedError
+
+    def set_step(self, step: float) -> None:
+        """Place the quantizer at the uniform step ``step`` (and mark it initialized)."""
+        raise NotImplementedError
+
+    def levels(self) -> Tensor:
+        """The sorted values the quantizer can output in its current state."""
+        raise NotImplementedError
+
+    def current_step(self) -> float:
+        """The spacing of the output grid now, in the input's units (for layer tables and figures)."""
+        levels = self.levels()
+        return float((levels[1:] - levels[:-1]).min()) if levels.numel() > 1 else float("nan")
+
+    def initialize(self, v: Tensor) -> None:
+        """Data-driven init from ``v`` (the initial weights, or the first batch of activations).
+
+        Default: LSQ's rule ``step = 2 * mean|v| / sqrt(Q_P)``, so a new quantizer starts where LSQ starts.
+        """
+        self.set_step(lsq_init_step(v, self.qp))
+
+    def range_parameters(self) -> dict[str, nn.Parameter]:
+        """The learnable parameters that control the step or range, the primary one first (Figure 2 and R use it).
+
+        Empty for a quantizer that learns nothing. Default: every parameter of the module, in registration order.
+        """
+        return dict(self.named_parameters())
+
+    def regularization(self) -> Tensor:
+        """An extra loss term the method adds (PACT's L2 on alpha); zero by default."""
+        reference = next(iter(self.parameters()), self.initialized)
+        return torch.zeros((), device=reference.device)
+
+    def options(self) -> dict[str, Any]:
+        """The options this quantizer was built with (recorded in run metadata). Subclasses extend it."""
+        return {"role": self.role}
+
+    # ---- shared machinery --------------------------------------------------------------------------------------
+
+    def forward(self, v: Tensor) -> Tensor:
+        if not v.is_floating_point():
+            raise QuantizerError(
+                f"quantizer '{self.registry_name or type(self).__name__}' needs a floating-point tensor, "
+                f"got {v.dtype}; convert it with .float()"
+            )
+        if not self._is_initialized:
+            with torch.no_grad():
+                self.initialize(v.detach())
+            self.mark_initialized()
+        return self.quantize(v)
+
+    def mark_initialized(self) -> None:
+        self.initialized.fill_(True)
+        self._is_initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._is_initialized = bool(self.initialized)
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything needed to rebuild this quantizer and to read its results: name, bits, sign, options."""
+        return {
+            "quantizer": self.registry_name,
+            "bits": self.bits,
+            "signed": self.signed,
+            "qn": self.qn,
+            "qp": self.qp,
+            **self.options(),
+        }
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in self.options().items())
+        return f"bits={self.bits}, signed={self.signed}, {options}"
+
+
+def lsq_init_step(v: Tensor, qp: int, eps: float = 1e-8) -> float:
+    """LSQ's initial step ``2 * mean|v| / sqrt(Q_P)``, floored at ``eps`` so all-zero data still gives a step."""
+    value = 2.0 * float(v.detach().abs().float().mean()) / math.sqrt(qp)
+    return value if math.isfinite(value) and value > eps else eps
+
+
+def check_step(step: float) -> float:
+    """Validate a step given to ``set_step``: positive and finite."""
+    step = float(step)
+    if not math.isfinite(step) or step <= 0:
+        raise QuantizerError(f"step must be a positive finite number, got {step}")
+    return step

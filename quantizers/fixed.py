@@ -1,0 +1,88 @@
+"""Fixed-step baselines: LSQ's forward and input gradient with a step that is set once from data and never learned.
+
+Modes (spec section 4): ``lsq-init`` = 2*mean|v|/sqrt(Q_P) (the paper's init, frozen; default), ``max`` =
+max|v|/Q_P (no clipping), ``mse`` = the MSE-optimal step by grid search: ``grid_points`` linear candidates in
+(0, max|v|/Q_P], then the same number again around the best one (MSE(s) is not convex, so no local solver alone).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import QuantizerError, Quantizer, check_step, lsq_init_step
+from .primitives import lsq_quantize
+from .registry import register
+
+MODES = ("lsq-init", "max", "mse")
+MSE_MAX_SAMPLES = 1 << 18  # grid search on at most this many elements (a strided subsample), to bound its cost
+
+
+def mse_optimal_step(v: Tensor, qn: int, qp: int, grid_points: int = 200) -> float:
+    """The step minimizing mean((Q(v; s) - v)^2) over a two-stage grid (coarse linear, then refined around the best)."""
+    flat = v.detach().flatten().double()  # float64: squares of large inputs must not overflow
+    if flat.numel() > MSE_MAX_SAMPLES:
+        flat = flat[:: flat.numel() // MSE_MAX_SAMPLES + 1]
+    upper = float(flat.abs().max()) / qp
+    if not upper > 0:
+        return 1e-8
+
+    def best_of(candidates: Tensor) -> tuple[float, float]:
+        errors = torch.stack(
+            [((torch.clamp(torch.round(flat / s), -qn, qp) * s - flat) ** 2).mean() for s in candidates]
+        )
+        index = int(torch.argmin(errors))
+        return float(candidates[index]), float(candidates[1] - candidates[0]) if candidates.numel() > 1 else 0.0
+
+    coarse = torch.linspace(upper / grid_points, upper, grid_points)
+    best, spacing = best_of(coarse)
+    fine = torch.linspace(max(best - spacing, upper * 1e-4), best + spacing, grid_points)
+    return best_of(fine)[0]
+
+
+@register("fixed")
+class FixedStep(Quantizer):
+    """Fixed step set once from data (lsq-init, max or MSE-optimal), never learned; straight-through input gradient."""
+
+    def __init__(
+        self, bits: int, signed: bool, role: str | None = None, mode: str = "lsq-init", grid_points: int = 200
+    ) -> None:
+        super().__init__(bits, signed, role)
+        if mode not in MODES:
+            raise QuantizerError(f"fixed mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if grid_points < 2:
+            raise QuantizerError(f"fixed grid_points must be at least 2, got {grid_points}")
+        self.mode = mode
+        self.grid_points = int(grid_points)
+        self.register_buffer("step_size", torch.tensor(1.0))
+
+    def initialize(self, v: Tensor) -> None:
+        if self.mode == "lsq-init":
+            step = lsq_init_step(v, self.qp)
+        elif self.mode == "max":
+            step = max(float(v.detach().abs().max()) / self.qp, 1e-8)
+        else:
+            step = mse_optimal_step(v, self.qn, self.qp, self.grid_points)
+        self.set_step(step if math.isfinite(step) and step > 0 else 1e-8)
+
+    def quantize(self, v: Tensor) -> Tensor:
+        return lsq_quantize(v, self.step_size, self.qn, self.qp)
+
+    def set_step(self, step: float) -> None:
+        self.step_size.fill_(check_step(step))
+        self.mark_initialized()
+
+    def levels(self) -> Tensor:
+        return torch.arange(-self.qn, self.qp + 1, dtype=self.step_size.dtype) * self.step_size
+
+    def current_step(self) -> float:
+        return float(self.step_size)
+
+    def range_parameters(self) -> dict:
+        return {}  # nothing is learned: Figure 2 shows it as such
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "mode": self.mode, "grid_points": self.grid_points}
