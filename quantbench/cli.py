@@ -125,6 +125,61 @@ def check_command(
         raise typer.Exit(1)
 
 
+@app.command("fig2")
+def fig2_command(
+    plugin: PluginOption = None,
+    quantizer_names: Annotated[
+        str, typer.Option("--quantizers", help="Registered quantizers to draw, comma separated (plugins included).")
+    ] = "lsq,qil,pact",
+    bits: Annotated[int, typer.Option(help="Bit width.")] = 2,
+    signed: Annotated[
+        bool, typer.Option("--signed/--unsigned", help="Signed (weights) or unsigned (activations).")
+    ] = False,
+    step: Annotated[float, typer.Option(help="The step s every quantizer is placed at with set_step(s).")] = 1.0,
+    value_range: Annotated[
+        Optional[tuple[float, float]],
+        typer.Option("--range", help="LO HI of v (default: 0 (Q_P+1)s unsigned, -(Q_N+1)s (Q_P+1)s signed)."),
+    ] = None,
+    points: Annotated[int, typer.Option(help="Grid points in v.")] = 2001,
+    out: Annotated[str, typer.Option(help="Output directory.")] = "reports",
+    name: Annotated[
+        Optional[str], typer.Option(help="File stem (default: figure2 for 2-bit unsigned, else figure2-<b>bit-<signed|unsigned>).")
+    ] = None,
+    input_grad: Annotated[bool, typer.Option("--input-grad", help="Add panel C, d output / dv.")] = False,
+    set_option: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Quantizer option NAME.KEY=VALUE, e.g. lsq.grad_scale=full (repeatable)."),
+    ] = None,
+) -> None:
+    """Draw LSQ's Figure 2 (output and d output / d step-or-width parameter) from each quantizer's autograd."""
+    import time
+    from pathlib import Path
+
+    from quantbench import figure2
+
+    quantizers.load_plugins(plugin or [])
+    overrides: dict[str, dict[str, Any]] = {}
+    for pair in set_option or []:
+        quantizer_name, dot, setting = pair.partition(".")
+        if not dot or "=" in quantizer_name or not quantizer_name.strip():
+            raise quantizers.QuantizerError(f"--set expects NAME.KEY=VALUE (e.g. lsq.grad_scale=full), got {pair!r}")
+        overrides.setdefault(quantizer_name.strip(), {}).update(parse_settings([setting]))
+    lo, hi = value_range if value_range is not None else (None, None)
+    started = time.perf_counter()
+    data = figure2.figure2_data(
+        quantizer_names.split(","), bits=bits, signed=signed, step=step, lo=lo, hi=hi, points=points, options=overrides
+    )
+    evaluated = time.perf_counter() - started
+    stem = Path(out) / (name or figure2.default_stem(bits, signed))
+    written = figure2.write_figure2(data, stem, with_input_grad=input_grad)
+    console.print(
+        f"evaluated {data['quantizer'].nunique()} quantizers at {points} points in {evaluated:.2f} s; "
+        f"drawn in {time.perf_counter() - started - evaluated:.2f} s"
+    )
+    for path in written:
+        console.print(f"wrote {escape(str(path))}")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning expected errors into one line and exit status 2."""
     try:
