@@ -34,7 +34,9 @@ PluginOption = Annotated[
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, not a bug: reported as one line."""
-    errors: list[type[BaseException]] = [quantizers.QuantizerError]
+    from quantbench.errors import QuantbenchError
+
+    errors: list[type[BaseException]] = [quantizers.QuantizerError, QuantbenchError]
     try:
         from quantbench.datasets import DatasetNotFoundError
 
@@ -178,6 +180,54 @@ def fig2_command(
     )
     for path in written:
         console.print(f"wrote {escape(str(path))}")
+
+
+@app.command("train")
+def train_command(
+    dataset: Annotated[str, typer.Option(help="Dataset name (quantbench list).")] = "digits",
+    model: Annotated[str, typer.Option(help="Model name (quantbench list).")] = "small_cnn",
+    quantizer: Annotated[Optional[str], typer.Option(help="Quantizer name; omit for full precision.")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="Bit width of weights and activations.")] = None,
+    first_last_bits: Annotated[
+        str, typer.Option(help="Bits of the first and last layers, or 'fp' to keep them full precision.")
+    ] = "8",
+    init_from: Annotated[
+        Optional[str], typer.Option(help="Full-precision run directory (or state_dict file) to fine-tune from.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    lr: Annotated[Optional[float], typer.Option(help="Initial LR (default: the paper's, by bits).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default: the paper's, by bits).")] = None,
+    schedule: Annotated[str, typer.Option(help="cosine (paper) or step.")] = "cosine",
+    distill: Annotated[bool, typer.Option(help="Knowledge distillation from the --init-from teacher (T=1, equal weights).")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed (model init, data order, augmentation).")] = 0,
+    data_dir: Annotated[Optional[str], typer.Option(help="Where the dataset lives.")] = None,
+    download: Annotated[bool, typer.Option(help="Download the dataset when it is not found (needs network).")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    max_train_batches: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
+    set_option: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Quantizer option KEY=VALUE for all its quantizers (repeatable).")
+    ] = None,
+    out: Annotated[str, typer.Option(help="Run directory.")] = "runs/train",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last checkpoint.")] = False,
+    plugin: PluginOption = None,
+) -> None:
+    """Train one model: full precision, or a quantized fine-tune from a full-precision checkpoint."""
+    from quantbench.train import TrainConfig, train
+
+    quantizers.load_plugins(plugin or [])
+    config = TrainConfig(
+        dataset=dataset, model=model, out=out, quantizer=quantizer, bits=bits,
+        first_last_bits=None if first_last_bits.lower() == "fp" else parse_csv_ints(first_last_bits, "--first-last-bits")[0],
+        quantizer_options=parse_settings(set_option), init_from=init_from, epochs=epochs, batch_size=batch_size,
+        lr=lr, weight_decay=weight_decay, schedule=schedule, distill=distill, seed=seed, data_dir=data_dir,
+        download=download, device=device, max_train_batches=max_train_batches,
+    )
+    metrics = train(config, resume=resume)
+    console.print(
+        f"top1 {metrics['top1']:.2f}%  top5 {metrics['top5']:.2f}%  "
+        f"{metrics['wall_time_s']:.1f} s  {metrics['model_size_bits'] / 8 / 1024:.1f} KiB  -> {escape(out)}"
+    )
 
 
 def main() -> None:

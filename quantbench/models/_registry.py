@@ -1,0 +1,177 @@
+"""Name -> model builder registry, the ``create_model`` factory and local-weights loading shared by all families.
+
+Kept apart from ``quantbench/models/__init__.py`` so that family modules can import ``register_model`` without a
+circular import; ``__init__`` imports the families, which registers them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantbench.errors import QuantbenchError
+
+ModelBuilder = Callable[..., nn.Module]
+
+
+class PretrainedWeightsError(QuantbenchError):
+    """Pretrained weights could not be obtained or do not fit the model; the message is one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class _RegisteredModel:
+    builder: ModelBuilder
+    description: str
+
+
+_REGISTRY: dict[str, _RegisteredModel] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Function decorator: make ``builder(num_classes=, in_channels=, pretrained=, **kwargs)`` a named model.
+
+    The first line of the builder's docstring is the one-line description shown by :func:`model_info`.
+    """
+    if not isinstance(name, str) or not name or name != name.strip() or "," in name:
+        raise ValueError(f"a model name must be a non-empty string without spaces or commas, got {name!r}")
+
+    def decorate(builder: ModelBuilder) -> ModelBuilder:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.builder is not builder:
+            raise ValueError(
+                f"model name '{name}' is already taken by {existing.builder.__module__}."
+                f"{existing.builder.__qualname__}; register yours under another name"
+            )
+        description = (inspect.getdoc(builder) or "").split("\n", 1)[0]
+        _REGISTRY[name] = _RegisteredModel(builder=builder, description=description)
+        return builder
+
+    return decorate
+
+
+def available_models() -> list[str]:
+    """Names of every registered model, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> str:
+    """One-line description of model ``name`` (for ``quantbench list`` and run reports)."""
+    return _lookup(name).description
+
+
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    pretrained: bool | str | Path = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build model ``name`` for ``num_classes`` classes and ``in_channels``-channel images.
+
+    ``pretrained=True`` loads the family's published weights (torchvision models only; may download),
+    ``pretrained="path/to/weights.pth"`` loads a local ``state_dict`` file. Extra ``kwargs`` go to the builder
+    (e.g. ``width=`` for ``small_cnn``).
+    """
+    entry = _lookup(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise QuantbenchError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise QuantbenchError(f"in_channels must be a positive integer, got {in_channels!r}")
+    options = _builder_options(entry.builder)
+    unknown = sorted(set(kwargs) - options) if options is not None else []
+    if unknown:
+        raise QuantbenchError(
+            f"model '{name}' has no option {', '.join(map(repr, unknown))}; its options are: "
+            f"{', '.join(sorted(options)) or 'none'}"
+        )
+    return entry.builder(num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, **kwargs)
+
+
+def _builder_options(builder: ModelBuilder) -> set[str] | None:
+    """Extra keyword options ``builder`` accepts; ``None`` when it forwards ``**kwargs`` (it then checks itself)."""
+    parameters = inspect.signature(builder).parameters.values()
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+        return None
+    return {parameter.name for parameter in parameters} - {"num_classes", "in_channels", "pretrained"}
+
+
+def _lookup(name: str) -> _RegisteredModel:
+    canonical = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+    entry = _REGISTRY.get(canonical)
+    if entry is None:
+        raise QuantbenchError(f"unknown model '{name}'; available: {', '.join(available_models())}")
+    return entry
+
+
+# ---- local weights ------------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
+    """Read a ``state_dict`` saved with ``torch.save``, also from a training checkpoint that wraps one.
+
+    Accepts a bare ``state_dict``, or a dict holding it under ``"state_dict"`` or ``"model"`` (common checkpoint
+    layouts), and drops a ``"module."`` prefix left by ``DataParallel``. Loads with ``weights_only=True`` so a
+    weights file cannot run code.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise PretrainedWeightsError(f"{model_name}: no weights file at {file}; pass pretrained=<path to a .pth file>")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip or torch errors: all mean "not a readable weights file"
+        message = " ".join(str(error).split())[:200]
+        raise PretrainedWeightsError(
+            f"{model_name}: could not read {file} as a torch state_dict ({type(error).__name__}: {message})"
+        ) from error
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        raise PretrainedWeightsError(f"{model_name}: {file} holds no state_dict (a mapping of names to tensors)")
+    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+
+
+def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state_dict`` cannot be loaded strictly into ``model``, in a few words; ``None`` when it can."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing:
+        return f"{len(missing)} missing keys (first: {missing[0]})"
+    if unexpected:
+        return f"{len(unexpected)} unexpected keys (first: {unexpected[0]})"
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            return f"{key} has shape {tuple(state_dict[key].shape)} in the file but {tuple(tensor.shape)} in the model"
+    return None
+
+
+def load_weights_file(model: nn.Module, path: str | Path, model_name: str) -> nn.Module:
+    """Load a local ``state_dict`` file into ``model`` strictly; a mismatch fails with one line naming it."""
+    state_dict = read_state_dict(path, model_name)
+    mismatch = state_dict_mismatch(model, state_dict)
+    if mismatch is not None:
+        raise PretrainedWeightsError(
+            f"{model_name}: weights in {path} do not fit this model ({mismatch}); "
+            "check the model name, num_classes and in_channels they were saved with"
+        )
+    model.load_state_dict(state_dict)
+    return model
+
+
+def load_pretrained_for_own_family(model: nn.Module, pretrained: bool | str | Path, model_name: str) -> nn.Module:
+    """``pretrained`` handling for models defined in this package: no published weights, local files only."""
+    if pretrained is False or pretrained is None:
+        return model
+    if pretrained is True:
+        raise PretrainedWeightsError(
+            f"{model_name}: no published pretrained weights; pass pretrained=<path to a .pth state_dict> instead"
+        )
+    return load_weights_file(model, pretrained, model_name)
