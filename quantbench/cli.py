@@ -205,6 +205,8 @@ def train_command(
     download: Annotated[bool, typer.Option(help="Download the dataset when it is not found (needs network).")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     max_train_batches: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the whole model.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's).")] = None,
     set_option: Annotated[
         Optional[list[str]], typer.Option("--set", help="Quantizer option KEY=VALUE for all its quantizers (repeatable).")
     ] = None,
@@ -221,7 +223,7 @@ def train_command(
         first_last_bits=None if first_last_bits.lower() == "fp" else parse_csv_ints(first_last_bits, "--first-last-bits")[0],
         quantizer_options=parse_settings(set_option), init_from=init_from, epochs=epochs, batch_size=batch_size,
         lr=lr, weight_decay=weight_decay, schedule=schedule, distill=distill, seed=seed, data_dir=data_dir,
-        download=download, device=device, max_train_batches=max_train_batches,
+        download=download, device=device, max_train_batches=max_train_batches, compile=compile_model, threads=threads,
     )
     metrics = train(config, resume=resume)
     console.print(

@@ -86,6 +86,8 @@ class TrainConfig:
     download: bool = False
     pretrained: bool | str = False
     device: str = "cpu"
+    compile: bool = False  # torch.compile the whole (quantized) model
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     max_train_batches: int | None = None  # a smoke-test cap on batches per epoch (recorded; never a default)
 
     def resolved(self) -> TrainConfig:
@@ -254,6 +256,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
         return json.loads((out / "metrics.json").read_text())
 
     seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
     data = create_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
@@ -263,6 +267,9 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
     model.to(device)
     teacher = teacher.to(device) if teacher is not None else None
     optimizer = make_optimizer(model, config)
+    # The compiled wrapper shares parameters and state_dict keys (under _orig_mod.) with the model; checkpoints and
+    # metrics use the plain model, the training and evaluation steps the compiled one.
+    forward = torch.compile(model) if config.compile else model
     steps_per_epoch = len(DataLoader(data.train, batch_size=config.batch_size, drop_last=True))
     if config.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, config.max_train_batches)
@@ -300,7 +307,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(config, epoch * steps_per_epoch + index, total_steps)
                 images, labels = images.to(device), labels.to(device)
-                logits = model(images)
+                logits = forward(images)
                 loss = F.cross_entropy(logits, labels)
                 if teacher is not None:
                     with torch.no_grad():
@@ -318,7 +325,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
                 correct += (logits.argmax(1) == labels).sum().item()
                 seen += labels.numel()
                 bar.update(task, advance=1, status=f"loss {loss_sum / seen:.3f} acc {100 * correct / seen:.1f}%")
-            metrics = evaluate(model, test_loader, device)
+            metrics = evaluate(forward, test_loader, device)
             elapsed += time.perf_counter() - started
             history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
                             **metrics, "lr_end": optimizer.param_groups[0]["lr"], "elapsed_s": elapsed})
