@@ -19,6 +19,7 @@ temperature 1, equal weights).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,6 +89,7 @@ class TrainConfig:
     device: str = "cpu"
     compile: bool = False  # torch.compile the whole (quantized) model
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    workers: int = 0  # DataLoader worker processes (0: load in the training process)
     max_train_batches: int | None = None  # a smoke-test cap on batches per epoch (recorded; never a default)
 
     def resolved(self) -> TrainConfig:
@@ -190,24 +192,35 @@ def build_model(config: TrainConfig, data: Any, sample_input: torch.Tensor) -> t
     model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
                          pretrained=config.pretrained)
     teacher = None
-    if config.init_from:
-        state = load_state_dict_file(config.init_from)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise QuantbenchError(
-                f"--init-from {config.init_from} does not fit {config.model}: {str(error).splitlines()[0]} "
-                "(it must be a full-precision checkpoint of the same model and dataset)"
-            ) from None
-        if config.distill:
-            teacher = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels)
-            teacher.load_state_dict(state)
-            teacher.eval().requires_grad_(False)
+    state = load_state_dict_file(config.init_from) if config.init_from else None
+    # A quantized checkpoint (progressive fine-tuning: QIL 5 -> 4 -> 3 -> 2 bits) carries its quantizers' learned
+    # state, so it is loaded after quantization; a full-precision one before.
+    quantized_state = state is not None and any("_quantizer." in key for key in state)
+    if state is not None and not quantized_state:
+        _load(model, state, config)
+    if config.distill:
+        if quantized_state:
+            raise QuantbenchError("--distill needs a full-precision --init-from (the teacher)")
+        teacher = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels)
+        teacher.load_state_dict(state)
+        teacher.eval().requires_grad_(False)
     if config.quantizer is not None:
         quant = QuantConfig(config.quantizer, config.bits, config.first_last_bits, config.quantizer_options,
                             config.weight_options, config.activation_options)
         quantize_(model, quant, sample_input)
+    if quantized_state:
+        _load(model, state, config)
     return model, teacher
+
+
+def _load(model: nn.Module, state: dict[str, torch.Tensor], config: TrainConfig) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise QuantbenchError(
+            f"--init-from {config.init_from} does not fit {config.model}: {str(error).splitlines()[0]} "
+            "(it must be a checkpoint of the same model, dataset and quantizer family)"
+        ) from None
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -240,10 +253,16 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 # ---- the run ------------------------------------------------------------------------------------------------------
 
 
+def new_progress(enabled: bool = True) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled)
+
+
 def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool | Progress = True) -> dict[str, Any]:
     """Run (or resume) one training run; returns the final metrics (also in ``out/metrics.json``).
 
+    ``progress`` is a flag or a live ``rich`` Progress to add this run's bars to (``compare`` shows one display).
     ``stop_after_epoch`` ends the call early after that epoch's checkpoint, as an interruption would (for tests).
     """
     config = config.resolved()
@@ -261,7 +280,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
     data = create_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
-    test_loader = DataLoader(data.test, batch_size=256, shuffle=False)
+    test_loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=config.workers)
     sample_input = next(iter(DataLoader(data.test, batch_size=config.batch_size)))[0]  # decides activation signs
     model, teacher = build_model(config, data, sample_input)
     model.to(device)
@@ -290,15 +309,16 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
         write_json(out / "config.json", {"train": asdict(config), "dataset_source": data.source})
         write_json(out / "environment.json", environment())
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not progress)
-    with bar:
+    shared = isinstance(progress, Progress)
+    bar = progress if shared else new_progress(bool(progress))
+    with contextlib.nullcontext() if shared else bar:
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             model.train()
             # The epoch's data order depends only on (seed, epoch), so a resumed run sees the same batches.
             order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-            loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=order)
+            loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=order,
+                                num_workers=config.workers)
             task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, status="")
             loss_sum = correct = seen = 0.0
             for index, (images, labels) in enumerate(loader):
@@ -319,7 +339,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
                 loss.backward()
                 if epoch == 0 and index == 0 and config.quantizer is not None:
                     # after the first forward (steps initialized, N known), before the first update
-                    print_layer_table(write_layer_table(model, out), bar.console, progress)
+                    print_layer_table(write_layer_table(model, out), bar.console, bool(progress) and not shared)
                 optimizer.step()
                 loss_sum += loss.item() * labels.numel()
                 correct += (logits.argmax(1) == labels).sum().item()
@@ -330,6 +350,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
             history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
                             **metrics, "lr_end": optimizer.param_groups[0]["lr"], "elapsed_s": elapsed})
             bar.update(task, status=f"test top1 {metrics['top1']:.2f}%")
+            if shared:
+                bar.remove_task(task)
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "rng": torch.get_rng_state(), "python_rng": random.getstate(), "epoch": epoch,
                              "history": history, "elapsed": elapsed, "config": asdict(config)}, checkpoint_path)

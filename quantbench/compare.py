@@ -1,0 +1,280 @@
+"""``quantbench compare``: every quantizer under one recipe, over seeds, bits and option sweeps, resumable.
+
+The grid: for each seed a full-precision baseline (``DIR/fp/seed<S>``), then for each (quantizer, bits, seed, option
+combination) a fine-tune from that seed's baseline (``DIR/runs/<name>``) with the same recipe, data order and seed,
+so that only the quantizer differs. Each run is a ``quantbench train`` run directory; a run is finished when its
+``metrics.json`` exists, so re-running the same command skips finished runs, resumes interrupted ones from their
+last checkpoint, and ``DIR/results.csv`` is rebuilt (atomically) from the finished runs only.
+
+Configuration, lowest to highest precedence: the quick digits preset, ``--config FILE.toml``, command-line flags.
+Any ``TrainConfig`` field can be set in the file; sweeps are lists: ``lr``, ``weight_decay``, ``schedule`` and
+quantizer options ``set = {"lsq.grad_scale" = ["full", "numel"]}`` (``--set lsq.grad_scale=full,numel``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shlex
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import quantizers
+from quantbench.errors import QuantbenchError
+from quantbench.train import TrainConfig, train, write_json
+
+#: train-level options that may be given as lists (one run per value)
+TRAIN_SWEEPS = ("lr", "weight_decay", "schedule")
+QIL_PROGRESSIVE_BITS = (5, 4, 3, 2)  # the QIL paper's progressive fine-tuning chain, starting from full precision
+
+#: the quick preset: bundled digits data, every built-in quantizer, two seeds, well under 3 minutes on 2 cores
+QUICK_PRESET: dict[str, Any] = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "quantizers": ["lsq", "qil", "pact", "fixed"],
+    "bits": [2, 3, 4, 8],
+    "seeds": [0, 1],
+    "fp_epochs": 4,
+    "epochs": 2,
+    "batch_size": 64,
+}
+
+
+@dataclass
+class CompareConfig:
+    """A comparison grid: the shared training recipe plus the axes that vary."""
+
+    recipe: TrainConfig
+    quantizers: list[str]
+    bits: list[int]
+    seeds: list[int]
+    fp_epochs: int
+    sweep: dict[str, list[Any]] = field(default_factory=dict)  # "lr" / "weight_decay" / "schedule" / "NAME.KEY"
+    qil_progressive: bool = False
+    out: str = "runs/compare"
+    fp_lr: float | None = None  # None: the paper's full-precision LR
+    epochs_by_bits: dict[int, int] = field(default_factory=dict)  # e.g. {8: 1}: the paper trains 8-bit for 1 epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "recipe": asdict(self.recipe)}
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    directory: Path
+    config: TrainConfig
+    row: dict[str, Any]  # quantizer, bits, seed, variant, swept values
+
+
+# ---- configuration ----------------------------------------------------------------------------------------------
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise QuantbenchError(f"--config {path}: no such file (see experiments/ for examples)")
+    try:
+        return tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise QuantbenchError(f"--config {path}: not valid TOML: {error}") from None
+
+
+def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any] | None = None) -> CompareConfig:
+    """Merge the quick preset, a config file and command-line flags (``None`` flags are not given)."""
+    merged: dict[str, Any] = dict(QUICK_PRESET)
+    sweep: dict[str, list[Any]] = {}
+    for source in (file_values or {}, {k: v for k, v in (flags or {}).items() if v is not None}):
+        source = dict(source)
+        for key, values in (source.pop("set", None) or {}).items():
+            sweep[key] = values if isinstance(values, list) else [values]
+        merged.update(source)
+    train_fields = {f.name for f in fields(TrainConfig)}
+    grid_keys = {"quantizers", "bits", "seeds", "fp_epochs", "qil_progressive", "out", "fp_lr", "epochs_by_bits"}
+    unknown = sorted(set(merged) - train_fields - grid_keys)
+    if unknown:
+        raise QuantbenchError(
+            f"unknown compare option(s) {', '.join(unknown)}; use any train option "
+            f"({', '.join(sorted(train_fields))}) or {', '.join(sorted(grid_keys))}"
+        )
+    for key in TRAIN_SWEEPS:
+        value = merged.pop(key, None)
+        if isinstance(value, list):
+            sweep[key] = value
+        elif value is not None:
+            merged[key] = value
+    if merged.get("first_last_bits") == "fp":
+        merged["first_last_bits"] = None
+    recipe_values = {k: v for k, v in merged.items() if k in train_fields and k not in ("quantizer", "bits")}
+    config = CompareConfig(
+        recipe=TrainConfig(**recipe_values),
+        quantizers=_as_list(merged["quantizers"]),
+        bits=[int(b) for b in _as_list(merged["bits"])],
+        seeds=[int(s) for s in _as_list(merged["seeds"])],
+        fp_epochs=int(merged["fp_epochs"]),
+        sweep=sweep,
+        qil_progressive=bool(merged.get("qil_progressive", False)),
+        out=str(merged.get("out", "runs/compare")),
+        fp_lr=merged.get("fp_lr"),
+        epochs_by_bits={int(bits): int(epochs) for bits, epochs in (merged.get("epochs_by_bits") or {}).items()},
+    )
+    validate(config)
+    return config
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def validate(config: CompareConfig) -> None:
+    for name in config.quantizers:
+        quantizers.get(name)  # unknown names fail with the list of available ones
+    for bits in config.bits:
+        if not quantizers.MIN_BITS <= bits <= quantizers.MAX_BITS:
+            raise QuantbenchError(f"--bits {bits} is out of range: choose 2..16")
+    if not config.seeds or not config.quantizers or not config.bits:
+        raise QuantbenchError("--quantizers, --bits and --seeds each need at least one value")
+    for key in config.sweep:
+        name, dot, option = key.partition(".")
+        if key in TRAIN_SWEEPS:
+            continue
+        if not dot or not option:
+            raise QuantbenchError(f"sweep key {key!r}: use NAME.KEY for quantizer options or one of {', '.join(TRAIN_SWEEPS)}")
+        if name not in config.quantizers:
+            raise QuantbenchError(f"--set {key}: quantizer '{name}' is not in --quantizers ({', '.join(config.quantizers)})")
+        options = quantizers.options_of(name)
+        if option not in options:
+            raise QuantbenchError(f"--set {key}: '{name}' has no option '{option}'; its options: {', '.join(options)}")
+
+
+# ---- planning -----------------------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", text)
+
+
+def variants_for(config: CompareConfig, quantizer: str) -> list[dict[str, Any]]:
+    """Every combination of this quantizer's swept options and the train-level sweeps."""
+    keys = [k for k in config.sweep if k in TRAIN_SWEEPS or k.split(".", 1)[0] == quantizer]
+    return [dict(zip(keys, values)) for values in itertools.product(*(config.sweep[k] for k in keys))]
+
+
+def variant_label(variant: dict[str, Any]) -> str:
+    return " ".join(f"{key.split('.', 1)[-1]}={value}" for key, value in variant.items())
+
+
+def plan(config: CompareConfig) -> list[PlannedRun]:
+    """The full grid in run order: baselines first, then each quantizer's runs (a QIL chain in chain order)."""
+    out = Path(config.out)
+    runs: list[PlannedRun] = []
+    for seed in config.seeds:
+        fp_config = TrainConfig(**{**asdict(config.recipe), "out": str(out / "fp" / f"seed{seed}"), "seed": seed,
+                                   "epochs": config.fp_epochs, "lr": config.fp_lr, "weight_decay": None})
+        runs.append(PlannedRun(f"fp-seed{seed}", out / "fp" / f"seed{seed}", fp_config,
+                               {"quantizer": "fp", "bits": 32, "seed": seed, "variant": ""}))
+    for quantizer, seed in itertools.product(config.quantizers, config.seeds):
+        for variant in variants_for(config, quantizer):
+            options = {k.split(".", 1)[1]: v for k, v in variant.items() if "." in k}
+            train_values = {k: v for k, v in variant.items() if k in TRAIN_SWEEPS}
+            label = variant_label(variant)
+            suffix = f"-{_slug(label.replace(' ', ','))}" if label else ""
+            fp_dir = out / "fp" / f"seed{seed}"
+            chain = _bits_in_order(config, quantizer)
+            previous: dict[int, Path] = {}
+            for bits in chain:
+                name = f"{quantizer}-{bits}bit-seed{seed}{suffix}"
+                directory = out / "runs" / name
+                init_from = fp_dir
+                if config.qil_progressive and quantizer == "qil" and bits in QIL_PROGRESSIVE_BITS and bits != 5:
+                    init_from = previous[bits + 1]
+                previous[bits] = directory
+                run_config = TrainConfig(**{
+                    **asdict(config.recipe), **train_values, "out": str(directory), "seed": seed,
+                    "quantizer": quantizer, "bits": bits, "init_from": str(init_from),
+                    "quantizer_options": {**config.recipe.quantizer_options, **options},
+                    "epochs": config.epochs_by_bits.get(bits, config.recipe.epochs),
+                })
+                run_config.resolved()  # fail on bad options now, not halfway through the grid
+                row = {"quantizer": quantizer, "bits": bits, "seed": seed, "variant": label, **variant}
+                if bits in config.bits:
+                    runs.append(PlannedRun(name, directory, run_config, row))
+                else:
+                    runs.append(PlannedRun(name, directory, run_config, {**row, "intermediate": True}))
+    return runs
+
+
+def _bits_in_order(config: CompareConfig, quantizer: str) -> list[int]:
+    if not (config.qil_progressive and quantizer == "qil"):
+        return list(config.bits)
+    lowest = min((b for b in config.bits if b in QIL_PROGRESSIVE_BITS), default=None)
+    chain = [b for b in QIL_PROGRESSIVE_BITS if lowest is not None and b >= lowest]
+    return chain + [b for b in config.bits if b not in chain]
+
+
+# ---- running ------------------------------------------------------------------------------------------------------
+
+
+def is_finished(run: PlannedRun) -> bool:
+    return (run.directory / "metrics.json").is_file()
+
+
+def collect_results(config: CompareConfig, runs: list[PlannedRun] | None = None) -> pd.DataFrame:
+    """One row per finished run of the grid (intermediate chain stages excluded), written to DIR/results.csv."""
+    rows = []
+    for run in runs if runs is not None else plan(config):
+        if run.row.get("intermediate") or not is_finished(run):
+            continue
+        metrics = json.loads((run.directory / "metrics.json").read_text())
+        rows.append({"run": run.name, **run.row, **{k: metrics.get(k) for k in
+                     ("top1", "top5", "test_loss", "model_size_bits", "wall_time_s", "epochs")}})
+    frame = pd.DataFrame(rows)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / "results.csv.tmp"
+    frame.to_csv(temporary, index=False)
+    temporary.replace(out / "results.csv")
+    return frame
+
+
+def run_compare(config: CompareConfig, command: str | None = None, progress: bool = True,
+                console: Console | None = None) -> pd.DataFrame:
+    """Run (or continue) the whole grid; returns the results table."""
+    console = console or Console()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(config)
+    saved = out / "compare.json"
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        if previous.get("config") != json.loads(json.dumps(config.to_dict(), default=str)):
+            console.print(f"[yellow]note[/]: {out} was started with a different configuration; finished runs whose "
+                          "directories match are reused, the rest are trained")
+    write_json(saved, {"config": config.to_dict(), "command": command or " ".join(map(shlex.quote, sys.argv)),
+                       "runs": [run.name for run in runs]})
+    pending = [run for run in runs if not is_finished(run)]
+    console.print(f"{len(runs)} runs in the grid: {len(runs) - len(pending)} finished, {len(pending)} to train -> {out}")
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=console, disable=not progress)
+    with bar:
+        grid = bar.add_task("grid", total=len(runs), completed=len(runs) - len(pending), status="")
+        for run in pending:
+            bar.update(grid, status=run.name)
+            started = time.perf_counter()
+            metrics = train(run.config, resume=True, progress=bar)
+            bar.update(grid, advance=1, status=f"{run.name}: top1 {metrics['top1']:.2f}% "
+                                               f"({time.perf_counter() - started:.0f} s)")
+            collect_results(config, runs)
+    return collect_results(config, runs)

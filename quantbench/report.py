@@ -1,0 +1,248 @@
+"""``quantbench report DIR``: a comparison's results as the paper shows them.
+
+Writes ``DIR/report.md`` with a Table-1-style table (rows quantizers, columns bits, top-1 mean +- std over seeds, the
+full-precision row, the best per column in bold), paired differences against LSQ with 95% t-intervals over seeds,
+figures of accuracy versus bits and versus model size (the paper's Figure 3), the command and config that made it,
+and the list of places where the run's recipe departs from the paper's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from quantbench.errors import QuantbenchError  # noqa: E402
+from quantbench.train import paper_lr, paper_weight_decay  # noqa: E402
+
+PAPER_MODELS = ("preact_resnet18", "preact_resnet34", "preact_resnet50", "vgg16_bn")
+
+
+def load(directory: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    out = Path(directory)
+    if not (out / "results.csv").is_file() or not (out / "compare.json").is_file():
+        raise QuantbenchError(f"{out} holds no comparison (no results.csv / compare.json); run quantbench compare first")
+    try:
+        results = pd.read_csv(out / "results.csv", dtype={"variant": str})
+    except pd.errors.EmptyDataError:
+        results = pd.DataFrame()
+    if results.empty:
+        raise QuantbenchError(f"{out}/results.csv has no finished runs yet; run (or continue) quantbench compare")
+    results["variant"] = results["variant"].fillna("")
+    return results, json.loads((out / "compare.json").read_text())
+
+
+def row_label(quantizer: str, variant: str) -> str:
+    return f"{quantizer} ({variant})" if variant else quantizer
+
+
+def _mean_std(values: pd.Series) -> tuple[float, float, int]:
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan"), len(values)
+
+
+def table1(results: pd.DataFrame) -> pd.DataFrame:
+    """Rows quantizer (+ option variant), columns bits: top-1 mean, std and seed count."""
+    quantized = results[results["quantizer"] != "fp"]
+    rows = []
+    for (quantizer, variant, bits), group in quantized.groupby(["quantizer", "variant", "bits"], sort=False):
+        mean, std, n = _mean_std(group["top1"])
+        rows.append({"label": row_label(quantizer, variant), "bits": int(bits), "mean": mean, "std": std, "n": n})
+    return pd.DataFrame(rows)
+
+
+def _cell(mean: float, std: float, bold: bool) -> str:
+    text = f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+    return f"**{text}**" if bold else text
+
+
+def table1_markdown(results: pd.DataFrame) -> str:
+    summary = table1(results)
+    bits = sorted(summary["bits"].unique())
+    labels = list(dict.fromkeys(summary["label"]))
+    best = summary.loc[summary.groupby("bits")["mean"].idxmax()].set_index("bits")["label"].to_dict()
+    fp = results[results["quantizer"] == "fp"]["top1"]
+    lines = ["| method | " + " | ".join(f"{b}-bit" for b in bits) + " | full precision |",
+             "|---|" + "---|" * (len(bits) + 1)]
+    for label in labels:
+        cells = []
+        for b in bits:
+            match = summary[(summary["label"] == label) & (summary["bits"] == b)]
+            cells.append("" if match.empty else _cell(match["mean"].iloc[0], match["std"].iloc[0], best.get(b) == label))
+        lines.append(f"| {label} | " + " | ".join(cells) + " | |")
+    if not fp.empty:
+        mean, std, _ = _mean_std(fp)
+        lines.append("| full precision | " + " | " * len(bits) + _cell(mean, std, False) + " |")
+    seeds = sorted(results["seed"].unique())
+    lines.append("")
+    lines.append(f"Top-1 test accuracy (%), mean ± standard deviation over seeds {', '.join(map(str, seeds))}; "
+                 "the best quantizer per column in bold.")
+    return "\n".join(lines)
+
+
+def paired_differences(results: pd.DataFrame, reference: str = "lsq") -> pd.DataFrame:
+    """Top-1 of each quantizer minus LSQ's, paired by seed, with a 95% t-interval over seeds."""
+    from scipy import stats
+
+    quantized = results[results["quantizer"] != "fp"]
+    baseline = quantized[quantized["quantizer"] == reference]
+    if baseline.empty:
+        return pd.DataFrame()
+    default_variant = "" if (baseline["variant"] == "").any() else baseline["variant"].iloc[0]
+    baseline = baseline[baseline["variant"] == default_variant].set_index(["bits", "seed"])["top1"]
+    rows = []
+    for (quantizer, variant, bits), group in quantized.groupby(["quantizer", "variant", "bits"], sort=False):
+        if quantizer == reference and variant == default_variant:
+            continue
+        pairs = [(row.top1 - baseline[(bits, row.seed)]) for row in group.itertuples() if (bits, row.seed) in baseline.index]
+        if not pairs:
+            continue
+        series = pd.Series(pairs)
+        mean = float(series.mean())
+        if len(pairs) > 1:
+            half = float(stats.t.ppf(0.975, len(pairs) - 1) * series.std(ddof=1) / math.sqrt(len(pairs)))
+        else:
+            half = float("nan")
+        rows.append({"label": row_label(quantizer, variant), "bits": int(bits), "difference": mean,
+                     "ci_low": mean - half, "ci_high": mean + half, "pairs": len(pairs)})
+    return pd.DataFrame(rows)
+
+
+def paired_markdown(differences: pd.DataFrame, reference: str = "lsq") -> str:
+    if differences.empty:
+        return f"(no {reference} runs to pair with)"
+    lines = ["| method | bits | top-1 minus " + reference + " | 95% interval | seeds |", "|---|---|---|---|---|"]
+    for row in differences.itertuples():
+        interval = "n/a (one seed)" if math.isnan(row.ci_low) else f"[{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
+        lines.append(f"| {row.label} | {row.bits} | {row.difference:+.2f} | {interval} | {row.pairs} |")
+    lines.append("")
+    lines.append("Paired by seed (same full-precision baseline, data order and seed); the interval is mean ± "
+                 "t(0.975, n-1) · sd / sqrt(n). An interval containing 0 means the seeds cannot tell the two apart.")
+    return "\n".join(lines)
+
+
+def draw_figures(results: pd.DataFrame, out: Path) -> list[Path]:
+    sns.set_theme(style="whitegrid", context="notebook")
+    quantized = results[results["quantizer"] != "fp"].copy()
+    quantized["method"] = [row_label(q, v) for q, v in zip(quantized["quantizer"], quantized["variant"])]
+    quantized["model size (MB)"] = quantized["model_size_bits"] / 8 / 1e6
+    fp = results[results["quantizer"] == "fp"]
+    written = []
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    sns.lineplot(data=quantized, x="bits", y="top1", hue="method", style="method", markers=True, dashes=False,
+                 errorbar="sd", err_style="bars", ax=axis)
+    if not fp.empty:
+        axis.axhline(fp["top1"].mean(), color="black", linestyle="--", linewidth=1, label="full precision")
+    axis.set_xticks(sorted(quantized["bits"].unique()))
+    axis.set_xlabel("bits (weights and activations)")
+    axis.set_ylabel("top-1 (%)")
+    axis.set_title("accuracy versus precision (mean ± sd over seeds)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    written.append(out / "accuracy_vs_bits.png")
+    figure.savefig(written[-1], dpi=130)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    sizes = pd.concat([quantized, fp.assign(method="full precision", **{"model size (MB)": fp["model_size_bits"] / 8 / 1e6})])
+    sns.scatterplot(data=sizes, x="model size (MB)", y="top1", hue="method", style="method", s=60, ax=axis)
+    axis.set_xscale("log")
+    axis.set_ylabel("top-1 (%)")
+    axis.set_title("accuracy versus model size (paper's Figure 3)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    written.append(out / "accuracy_vs_model_size.png")
+    figure.savefig(written[-1], dpi=130)
+    plt.close(figure)
+    return written
+
+
+def departures(config: dict[str, Any]) -> list[str]:
+    """Where this comparison's recipe differs from the LSQ paper's (section 3, spec section 1.5)."""
+    recipe = config["recipe"]
+    notes = []
+    if recipe["dataset"] != "imagenet":
+        notes.append(f"dataset {recipe['dataset']} (paper: ImageNet)")
+    if recipe["model"] not in PAPER_MODELS:
+        notes.append(f"model {recipe['model']} (paper: pre-activation ResNet-18/34/50/152, VGG-16-BN, SqueezeNext)")
+    notes.append(f"quantized fine-tuning for {recipe['epochs']} epoch(s) (paper: 90, and 1 at 8 bits); "
+                 f"full-precision baseline trained for {config['fp_epochs']} epoch(s) from scratch")
+    sweep = config.get("sweep", {})
+    if recipe.get("lr") is not None and "lr" not in sweep:
+        notes.append(f"learning rate {recipe['lr']} at every precision (paper: {paper_lr(2)} at 2-4 bits, {paper_lr(8)} at 8 bits)")
+    if recipe.get("weight_decay") is not None and "weight_decay" not in sweep:
+        notes.append(f"weight decay {recipe['weight_decay']} at every precision "
+                     f"(paper: {paper_weight_decay(2)} / {paper_weight_decay(3)} / {paper_weight_decay(4)} at 2 / 3 / 4+ bits)")
+    for key, values in sweep.items():
+        notes.append(f"swept {key} over {values}")
+    if recipe["schedule"] != "cosine":
+        notes.append(f"{recipe['schedule']} learning-rate decay (paper: cosine without restarts)")
+    if recipe["first_last_bits"] != 8:
+        first_last = "full precision" if recipe["first_last_bits"] is None else f"{recipe['first_last_bits']} bits"
+        notes.append(f"first and last layers at {first_last} (paper: 8 bits)")
+    if recipe["momentum"] != 0.9:
+        notes.append(f"momentum {recipe['momentum']} (paper: 0.9)")
+    if recipe["distill"]:
+        notes.append("knowledge distillation on (paper: only in its section 3.7 rows)")
+    if recipe.get("max_train_batches"):
+        notes.append(f"at most {recipe['max_train_batches']} batches per epoch")
+    if recipe["quantizer_options"]:
+        notes.append(f"quantizer options {recipe['quantizer_options']}")
+    if config.get("qil_progressive"):
+        notes.append("QIL fine-tuned progressively (full precision -> 5 -> 4 -> 3 -> 2 bits), as the QIL paper trains")
+    notes.append("PACT and QIL use quantbench's recorded conventions (README: Conventions), e.g. QIL's output at the "
+                 "input's scale and PACT's alpha initialized at LSQ's operating point")
+    return notes
+
+
+def write_report(directory: str | Path) -> Path:
+    out = Path(directory)
+    results, saved = load(out)
+    config = saved["config"]
+    figures = draw_figures(results, out)
+    differences = paired_differences(results)
+    differences.to_csv(out / "paired_differences.csv", index=False)
+    recipe = config["recipe"]
+    total_time = results["wall_time_s"].sum()
+    lines = [
+        f"# quantbench comparison: {recipe['model']} on {recipe['dataset']}",
+        "",
+        f"Made by `{saved['command']}` (config saved in `compare.json`; one row per run in `results.csv`). "
+        f"{len(results)} finished runs; summed training time {total_time / 60:.1f} min.",
+        "",
+        "## Top-1 accuracy (the paper's Table 1 layout)",
+        "",
+        table1_markdown(results),
+        "",
+        "## Paired difference against LSQ",
+        "",
+        paired_markdown(differences),
+        "",
+        "## Figures",
+        "",
+        *[f"![{path.stem}]({path.name})" for path in figures],
+        "",
+        "## Where this recipe departs from the paper's",
+        "",
+        *[f"- {note}" for note in departures(config)],
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(config, indent=2, default=str),
+        "```",
+        "",
+    ]
+    report = out / "report.md"
+    temporary = report.with_suffix(".md.tmp")
+    temporary.write_text("\n".join(lines))
+    temporary.replace(report)
+    return report
