@@ -21,7 +21,6 @@ other bad input (an unknown name, a corrupt file) raises :class:`quantbench.erro
 from __future__ import annotations
 
 import gzip
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
 from quantbench.errors import QuantbenchError
+from quantbench.registry import Registry
 
 #: Where ``download=True`` puts data when no ``data_dir`` is given, and where we look for earlier downloads.
 DEFAULT_DATA_ROOT = Path.home() / ".cache" / "quantbench" / "data"
@@ -72,13 +72,7 @@ class DatasetBundle:
 DatasetBuilder = Callable[..., DatasetBundle]
 
 
-@dataclass(frozen=True)
-class _RegisteredDataset:
-    builder: DatasetBuilder
-    description: str
-
-
-_REGISTRY: dict[str, _RegisteredDataset] = {}
+_REGISTRY: Registry[DatasetBuilder] = Registry("dataset", canonical=lambda name: name.strip().lower().replace("_", "-"))
 
 
 def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
@@ -86,31 +80,17 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
 
     The first line of the builder's docstring is the one-line description shown by :func:`dataset_info`.
     """
-    if not isinstance(name, str) or not name or name != name.strip() or "," in name:
-        raise ValueError(f"a dataset name must be a non-empty string without spaces or commas, got {name!r}")
-
-    def decorate(builder: DatasetBuilder) -> DatasetBuilder:
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing.builder is not builder:
-            raise ValueError(
-                f"dataset name '{name}' is already taken by {existing.builder.__module__}."
-                f"{existing.builder.__qualname__}; register yours under another name"
-            )
-        description = (inspect.getdoc(builder) or "").split("\n", 1)[0]
-        _REGISTRY[name] = _RegisteredDataset(builder=builder, description=description)
-        return builder
-
-    return decorate
+    return _REGISTRY.register(name)
 
 
 def available_datasets() -> list[str]:
     """Names of every registered dataset, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def dataset_info(name: str) -> str:
     """One-line description of dataset ``name`` (for ``quantbench list`` and run reports)."""
-    return _lookup(name).description
+    return _REGISTRY.info(name)
 
 
 def create_dataset(
@@ -125,17 +105,9 @@ def create_dataset(
     data when it is found nowhere (needs network access); ``train_augment=False`` gives the training split the
     test-time transform, e.g. for measuring training-set accuracy or for deterministic debugging.
     """
-    entry = _lookup(name)
+    builder = _REGISTRY.get(name)
     directory = Path(data_dir).expanduser() if data_dir is not None else None
-    return entry.builder(data_dir=directory, download=download, train_augment=train_augment)
-
-
-def _lookup(name: str) -> _RegisteredDataset:
-    canonical = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
-    entry = _REGISTRY.get(canonical)
-    if entry is None:
-        raise QuantbenchError(f"unknown dataset '{name}'; available: {', '.join(available_datasets())}")
-    return entry
+    return builder(data_dir=directory, download=download, train_augment=train_augment)
 
 
 def _one_line(error: BaseException) -> str:

@@ -134,7 +134,6 @@ def draw_figures(results: pd.DataFrame, out: Path) -> list[Path]:
     quantized["method"] = [row_label(q, v) for q, v in zip(quantized["quantizer"], quantized["variant"])]
     quantized["model size (MB)"] = quantized["model_size_bits"] / 8 / 1e6
     fp = results[results["quantizer"] == "fp"]
-    written = []
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     sns.lineplot(data=quantized, x="bits", y="top1", hue="method", style="method", markers=True, dashes=False,
@@ -143,26 +142,24 @@ def draw_figures(results: pd.DataFrame, out: Path) -> list[Path]:
         axis.axhline(fp["top1"].mean(), color="black", linestyle="--", linewidth=1, label="full precision")
     axis.set_xticks(sorted(quantized["bits"].unique()))
     axis.set_xlabel("bits (weights and activations)")
-    axis.set_ylabel("top-1 (%)")
-    axis.set_title("accuracy versus precision (mean ± sd over seeds)")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    written.append(out / "accuracy_vs_bits.png")
-    figure.savefig(written[-1], dpi=130)
-    plt.close(figure)
+    by_bits = _finish(figure, axis, "accuracy versus precision (mean ± sd over seeds)", out / "accuracy_vs_bits.png")
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     sizes = pd.concat([quantized, fp.assign(method="full precision", **{"model size (MB)": fp["model_size_bits"] / 8 / 1e6})])
     sns.scatterplot(data=sizes, x="model size (MB)", y="top1", hue="method", style="method", s=60, ax=axis)
     axis.set_xscale("log")
+    by_size = _finish(figure, axis, "accuracy versus model size (paper's Figure 3)", out / "accuracy_vs_model_size.png")
+    return [by_bits, by_size]
+
+
+def _finish(figure: Any, axis: Any, title: str, path: Path) -> Path:
     axis.set_ylabel("top-1 (%)")
-    axis.set_title("accuracy versus model size (paper's Figure 3)")
+    axis.set_title(title)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    written.append(out / "accuracy_vs_model_size.png")
-    figure.savefig(written[-1], dpi=130)
+    figure.savefig(path, dpi=130)
     plt.close(figure)
-    return written
+    return path
 
 
 def departures(config: dict[str, Any]) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
+from quantbench.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -24,13 +24,7 @@ class PretrainedWeightsError(QuantbenchError):
     """Pretrained weights could not be obtained or do not fit the model; the message is one line naming the fix."""
 
 
-@dataclass(frozen=True)
-class _RegisteredModel:
-    builder: ModelBuilder
-    description: str
-
-
-_REGISTRY: dict[str, _RegisteredModel] = {}
+_REGISTRY: Registry[ModelBuilder] = Registry("model", canonical=lambda name: name.strip().lower().replace("-", "_"))
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -38,31 +32,17 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 
     The first line of the builder's docstring is the one-line description shown by :func:`model_info`.
     """
-    if not isinstance(name, str) or not name or name != name.strip() or "," in name:
-        raise ValueError(f"a model name must be a non-empty string without spaces or commas, got {name!r}")
-
-    def decorate(builder: ModelBuilder) -> ModelBuilder:
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing.builder is not builder:
-            raise ValueError(
-                f"model name '{name}' is already taken by {existing.builder.__module__}."
-                f"{existing.builder.__qualname__}; register yours under another name"
-            )
-        description = (inspect.getdoc(builder) or "").split("\n", 1)[0]
-        _REGISTRY[name] = _RegisteredModel(builder=builder, description=description)
-        return builder
-
-    return decorate
+    return _REGISTRY.register(name)
 
 
 def available_models() -> list[str]:
     """Names of every registered model, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def model_info(name: str) -> str:
     """One-line description of model ``name`` (for ``quantbench list`` and run reports)."""
-    return _lookup(name).description
+    return _REGISTRY.info(name)
 
 
 def create_model(
@@ -78,19 +58,19 @@ def create_model(
     ``pretrained="path/to/weights.pth"`` loads a local ``state_dict`` file. Extra ``kwargs`` go to the builder
     (e.g. ``width=`` for ``small_cnn``).
     """
-    entry = _lookup(name)
+    builder = _REGISTRY.get(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise QuantbenchError(f"num_classes must be a positive integer, got {num_classes!r}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise QuantbenchError(f"in_channels must be a positive integer, got {in_channels!r}")
-    options = _builder_options(entry.builder)
+    options = _builder_options(builder)
     unknown = sorted(set(kwargs) - options) if options is not None else []
     if unknown:
         raise QuantbenchError(
             f"model '{name}' has no option {', '.join(map(repr, unknown))}; its options are: "
             f"{', '.join(sorted(options)) or 'none'}"
         )
-    return entry.builder(num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, **kwargs)
+    return builder(num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, **kwargs)
 
 
 def _builder_options(builder: ModelBuilder) -> set[str] | None:
@@ -99,17 +79,6 @@ def _builder_options(builder: ModelBuilder) -> set[str] | None:
     if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
         return None
     return {parameter.name for parameter in parameters} - {"num_classes", "in_channels", "pretrained"}
-
-
-def _lookup(name: str) -> _RegisteredModel:
-    canonical = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
-    entry = _REGISTRY.get(canonical)
-    if entry is None:
-        raise QuantbenchError(f"unknown model '{name}'; available: {', '.join(available_models())}")
-    return entry
-
-
-# ---- local weights ------------------------------------------------------------------------------------------------
 
 
 def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
