@@ -261,7 +261,8 @@ def run_compare(config: CompareConfig, command: str | None = None, progress: boo
         if previous.get("config") != json.loads(json.dumps(config.to_dict(), default=str)):
             console.print(f"[yellow]note[/]: {out} was started with a different configuration; finished runs whose "
                           "directories match are reused, the rest are trained")
-    write_json(saved, {"config": config.to_dict(), "command": command or " ".join(map(shlex.quote, sys.argv)),
+    command = command or " ".join(["quantbench", *map(shlex.quote, sys.argv[1:])])
+    write_json(saved, {"config": config.to_dict(), "command": command,
                        "runs": [run.name for run in runs]})
     pending = [run for run in runs if not is_finished(run)]
     console.print(f"{len(runs)} runs in the grid: {len(runs) - len(pending)} finished, {len(pending)} to train -> {out}")
