@@ -171,6 +171,26 @@ def load_state_dict_file(source: str) -> dict[str, torch.Tensor]:
     return state.get("model", state) if isinstance(state, dict) else state
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sample_batch(data: Any, batch_size: int) -> torch.Tensor:
+    """The first test batch: decides each layer's activation sign in ``quantize_`` (test data: no augmentation)."""
+    return next(iter(DataLoader(data.test, batch_size=batch_size)))[0]
+
+
+def epoch_loader(data: Any, config: TrainConfig, epoch: int) -> DataLoader:
+    """The training batches of one epoch, in an order that depends only on (seed, epoch), so a resumed run and
+    every quantizer of a comparison see the same batches."""
+    order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    return DataLoader(data.train, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=order,
+                      num_workers=config.workers)
+
+
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
     model.eval()
     correct1 = correct5 = total = 0
@@ -277,12 +297,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
     seed_everything(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
     data = create_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
     test_loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=config.workers)
-    sample_input = next(iter(DataLoader(data.test, batch_size=config.batch_size)))[0]  # decides activation signs
-    model, teacher = build_model(config, data, sample_input)
+    model, teacher = build_model(config, data, sample_batch(data, config.batch_size))
     model.to(device)
     teacher = teacher.to(device) if teacher is not None else None
     optimizer = make_optimizer(model, config)
@@ -315,10 +333,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             model.train()
-            # The epoch's data order depends only on (seed, epoch), so a resumed run sees the same batches.
-            order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-            loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=order,
-                                num_workers=config.workers)
+            loader = epoch_loader(data, config, epoch)
             task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, status="")
             loss_sum = correct = seen = 0.0
             for index, (images, labels) in enumerate(loader):
