@@ -278,6 +278,11 @@ def new_progress(enabled: bool = True) -> Progress:
                     TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled)
 
 
+def _recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """The config minus what only changes speed (threads, workers): a run may resume with other values of these."""
+    return {key: value for key, value in config.items() if key not in ("threads", "workers")}
+
+
 def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None,
           progress: bool | Progress = True) -> dict[str, Any]:
     """Run (or resume) one training run; returns the final metrics (also in ``out/metrics.json``).
@@ -316,7 +321,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
     start_epoch, elapsed = 0, 0.0
     if resume and checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if checkpoint["config"] != asdict(config):
+        if _recipe(checkpoint["config"]) != _recipe(asdict(config)):
             raise QuantbenchError(f"{out} holds a run with a different config; resume with the same options or use another --out")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
