@@ -228,6 +228,9 @@ def compare_command(
     compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the models.")] = None,
     max_train_batches: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Comparison directory (default: runs/compare).")] = None,
+    fp_from: Annotated[
+        Optional[str], typer.Option(help="Reuse the full-precision baselines of another comparison directory.")
+    ] = None,
     plugin: PluginOption = None,
 ) -> None:
     """Train every quantizer under one recipe over bits and seeds (resumable), then write the report."""
@@ -243,6 +246,7 @@ def compare_command(
         "seeds": _csv(seeds, int), "epochs": epochs, "fp_epochs": fp_epochs, "batch_size": batch_size,
         "qil_progressive": qil_progressive, "data_dir": data_dir, "threads": threads, "compile": compile_model,
         "max_train_batches": max_train_batches, "out": out, "set": parse_sweep(set_option) or None,
+        "fp_from": fp_from,
     }
     for key, values in numbers.items():
         flags[key] = None if values is None else values if len(values) > 1 else values[0]
@@ -263,13 +267,14 @@ def compare_command(
 @app.command("report")
 def report_command(
     directory: Annotated[str, typer.Argument(help="A quantbench compare directory.")],
+    out: Annotated[Optional[str], typer.Option(help="Write the report here (default: DIR), e.g. reports/NAME.")] = None,
     plugin: PluginOption = None,
 ) -> None:
-    """(Re)write DIR/report.md and its figures from DIR/results.csv."""
+    """(Re)write report.md and its figures from DIR/results.csv."""
     from quantbench.report import write_report
 
     quantizers.load_plugins(plugin or [])
-    console.print(f"report: {escape(str(write_report(directory)))}")
+    console.print(f"report: {escape(str(write_report(directory, out)))}")
 
 
 @app.command("train")

@@ -63,6 +63,7 @@ class CompareConfig:
     out: str = "runs/compare"
     fp_lr: float | None = None  # None: the paper's full-precision LR
     epochs_by_bits: dict[int, int] = field(default_factory=dict)  # e.g. {8: 1}: the paper trains 8-bit for 1 epoch
+    fp_from: str | None = None  # reuse the full-precision baselines of another comparison directory
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "recipe": asdict(self.recipe)}
@@ -99,7 +100,8 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
             sweep[key] = values if isinstance(values, list) else [values]
         merged.update(source)
     train_fields = {f.name for f in fields(TrainConfig)}
-    grid_keys = {"quantizers", "bits", "seeds", "fp_epochs", "qil_progressive", "out", "fp_lr", "epochs_by_bits"}
+    grid_keys = {"quantizers", "bits", "seeds", "fp_epochs", "qil_progressive", "out", "fp_lr", "epochs_by_bits",
+                 "fp_from"}
     unknown = sorted(set(merged) - train_fields - grid_keys)
     if unknown:
         raise QuantbenchError(
@@ -125,6 +127,7 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
         qil_progressive=bool(merged.get("qil_progressive", False)),
         out=str(merged.get("out", "runs/compare")),
         fp_lr=merged.get("fp_lr"),
+        fp_from=merged.get("fp_from"),
         epochs_by_bits={int(bits): int(epochs) for bits, epochs in (merged.get("epochs_by_bits") or {}).items()},
     )
     validate(config)
@@ -179,10 +182,12 @@ def plan(config: CompareConfig) -> list[PlannedRun]:
     """The full grid in run order: baselines first, then each quantizer's runs (a QIL chain in chain order)."""
     out = Path(config.out)
     runs: list[PlannedRun] = []
+    fp_root = Path(config.fp_from) if config.fp_from else out
     for seed in config.seeds:
-        fp_config = TrainConfig(**{**asdict(config.recipe), "out": str(out / "fp" / f"seed{seed}"), "seed": seed,
-                                   "epochs": config.fp_epochs, "lr": config.fp_lr, "weight_decay": None})
-        runs.append(PlannedRun(f"fp-seed{seed}", out / "fp" / f"seed{seed}", fp_config,
+        fp_config = TrainConfig(**{**asdict(config.recipe), "out": str(fp_root / "fp" / f"seed{seed}"), "seed": seed,
+                                   "epochs": config.fp_epochs, "lr": config.fp_lr, "weight_decay": None,
+                                   "quantizer_options": {}})
+        runs.append(PlannedRun(f"fp-seed{seed}", fp_root / "fp" / f"seed{seed}", fp_config,
                                {"quantizer": "fp", "bits": 32, "seed": seed, "variant": ""}))
     for quantizer, seed in itertools.product(config.quantizers, config.seeds):
         for variant in variants_for(config, quantizer):
@@ -190,7 +195,7 @@ def plan(config: CompareConfig) -> list[PlannedRun]:
             train_values = {k: v for k, v in variant.items() if k in TRAIN_SWEEPS}
             label = variant_label(variant)
             suffix = f"-{_slug(label.replace(' ', ','))}" if label else ""
-            fp_dir = out / "fp" / f"seed{seed}"
+            fp_dir = fp_root / "fp" / f"seed{seed}"
             chain = _bits_in_order(config, quantizer)
             previous: dict[int, Path] = {}
             for bits in chain:
@@ -262,7 +267,10 @@ def run_compare(config: CompareConfig, command: str | None = None, progress: boo
             console.print(f"[yellow]note[/]: {out} was started with a different configuration; finished runs whose "
                           "directories match are reused, the rest are trained")
     command = command or " ".join(["quantbench", *map(shlex.quote, sys.argv[1:])])
-    write_json(saved, {"config": config.to_dict(), "command": command,
+    history = json.loads(saved.read_text()).get("history", []) if saved.exists() else []
+    history.append({"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "pending_runs": sum(not is_finished(run) for run in runs)})
+    write_json(saved, {"config": config.to_dict(), "command": command, "history": history,
                        "runs": [run.name for run in runs]})
     pending = [run for run in runs if not is_finished(run)]
     console.print(f"{len(runs)} runs in the grid: {len(runs) - len(pending)} finished, {len(pending)} to train -> {out}")

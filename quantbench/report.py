@@ -200,9 +200,25 @@ def departures(config: dict[str, Any]) -> list[str]:
     return notes
 
 
-def write_report(directory: str | Path) -> Path:
-    out = Path(directory)
-    results, saved = load(out)
+def _history_lines(saved: dict[str, Any]) -> list[str]:
+    """The invocations that trained this grid, when there was more than one (interrupted, split across processes)."""
+    history = [entry for entry in saved.get("history", []) if entry.get("pending_runs")]
+    if len(history) <= 1:
+        return []
+    return ["", "The runs were trained by these invocations (finished runs are never redone):", "",
+            *[f"- `{entry['command']}` ({entry['started']}, {entry['pending_runs']} runs pending)" for entry in history]]
+
+
+def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
+    """Write report.md and its figures for the comparison in ``directory`` (into ``out``, default the same
+    directory, with copies of results.csv and compare.json so the report stands alone)."""
+    source = Path(directory)
+    results, saved = load(source)
+    out = Path(out) if out is not None else source
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != source.resolve():
+        for name in ("results.csv", "compare.json"):
+            (out / name).write_bytes((source / name).read_bytes())
     config = saved["config"]
     figures = draw_figures(results, out)
     differences = paired_differences(results)
@@ -214,6 +230,7 @@ def write_report(directory: str | Path) -> Path:
         "",
         f"Made by `{saved['command']}` (config saved in `compare.json`; one row per run in `results.csv`). "
         f"{len(results)} finished runs; summed training time {total_time / 60:.1f} min.",
+        *_history_lines(saved),
         "",
         "## Top-1 accuracy (the paper's Table 1 layout)",
         "",

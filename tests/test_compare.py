@@ -88,6 +88,16 @@ def test_compare_runs_the_grid_and_writes_the_report(tmp_path: Path) -> None:
     again = run_compare(config, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").rglob("metrics.json")} == before
     assert again.equals(results)
+    # an ablation reusing these baselines trains no new full-precision model
+    ablation = build_config(None, tiny(tmp_path / "ablation", max_train_batches=4, quantizers=["lsq"], bits=[2],
+                                       seeds=[0], fp_from=str(tmp_path / "cmp"), set={"lsq.grad_scale": ["none"]}))
+    rows = run_compare(ablation, progress=False)
+    assert not (tmp_path / "ablation" / "fp").exists()
+    assert list(rows["run"]) == ["fp-seed0", "lsq-2bit-seed0-grad_scale=none"]
+    assert rows.iloc[0]["top1"] == results.set_index("run").loc["fp-seed0", "top1"]
+    # the report can be written elsewhere, standing alone
+    standalone = write_report(tmp_path / "cmp", tmp_path / "published")
+    assert standalone.parent == tmp_path / "published" and (tmp_path / "published" / "results.csv").is_file()
 
 
 def test_table1_bolds_the_best_per_column() -> None:
