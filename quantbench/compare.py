@@ -44,7 +44,7 @@ QUICK_PRESET: dict[str, Any] = {
     "bits": [2, 3, 4, 8],
     "seeds": [0, 1],
     "fp_epochs": 4,
-    "epochs": 2,
+    "epochs": 1,
     "batch_size": 64,
 }
 
