@@ -297,8 +297,55 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
     if (out / "metrics.json").exists() and not resume:
         raise QuantbenchError(f"{out} already holds a finished run; pass --resume to reuse it or choose another --out")
     if resume and (out / "metrics.json").exists():
+        _check_same_recipe(out, config)
         return json.loads((out / "metrics.json").read_text())
+    with _run_lock(out):
+        return _train(config, out, checkpoint_path, resume, stop_after_epoch, progress)
 
+
+def _check_same_recipe(out: Path, config: TrainConfig) -> None:
+    """A finished run is reused only for the config that made it: never a silent result for other settings."""
+    saved = json.loads((out / "config.json").read_text())["train"] if (out / "config.json").exists() else None
+    if saved is not None and _recipe(saved) != _recipe(asdict(config)):
+        changed = sorted(k for k in _recipe(asdict(config)) if saved.get(k) != asdict(config)[k])
+        raise QuantbenchError(
+            f"{out} holds a finished run with different settings ({', '.join(changed)}); use another --out"
+        )
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """One process per run directory: a second one (e.g. two compare processes over one grid) fails clearly."""
+    lock = out / ".lock"
+    try:
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        owner = lock.read_text().strip() or "?"
+        if owner.isdigit() and not _alive(int(owner)):
+            lock.unlink(missing_ok=True)  # left by a killed process
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        else:
+            raise QuantbenchError(f"{out} is being trained by process {owner}; wait for it or use another --out") from None
+    os.write(descriptor, str(os.getpid()).encode())
+    os.close(descriptor)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, stop_after_epoch: int | None,
+           progress: bool | Progress) -> dict[str, Any]:
     seed_everything(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)

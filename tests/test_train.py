@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,19 @@ def test_bad_training_input_is_a_clear_error(tmp_path: Path) -> None:
         capture_output=True, text=True,
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "unknown dataset 'mnist-ish'" in result.stderr
+
+
+def test_finished_run_is_never_reused_for_other_settings_and_runs_are_locked(tmp_path: Path) -> None:
+    config = quick(tmp_path / "fp", epochs=1)
+    train(config, progress=False)
+    other = quick(tmp_path / "fp", epochs=1, lr=0.05)
+    with pytest.raises(QuantbenchError, match=r"holds a finished run with different settings \(lr\)"):
+        train(other, resume=True, progress=False)
+    busy = quick(tmp_path / "busy", epochs=1)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / ".lock").write_text(str(os.getppid()))  # a live process owns it
+    with pytest.raises(QuantbenchError, match="is being trained by process"):
+        train(busy, progress=False)
+    (tmp_path / "busy" / ".lock").write_text("999999999")  # a dead one: the stale lock is taken over
+    assert train(busy, progress=False)["epochs"] == 1
+    assert not (tmp_path / "busy" / ".lock").exists()
