@@ -127,7 +127,10 @@ def _codes(draw: Any, quantizer: Quantizer, count: int) -> torch.Tensor:
             max_size=count,
         )
     )
-    return torch.tensor(integers, dtype=torch.float64) + torch.tensor(offsets, dtype=torch.float64)
+    # A distinct tiny shift per element: no two values share a magnitude, so max-based quantizers (DoReFa's
+    # max|tanh w|) are never evaluated on a tie, a kink where autograd splits the gradient between the tied elements.
+    distinct = 1e-3 * torch.arange(1, count + 1, dtype=torch.float64) / count
+    return torch.tensor(integers, dtype=torch.float64) + torch.tensor(offsets, dtype=torch.float64) + distinct
 
 
 def _steps() -> st.SearchStrategy[float]:
