@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import QuantizerError, Quantizer, check_step, lsq_init_step
-from .primitives import round_ste, stop_gradient
+from .primitives import dorefa_quantize, pact_quantize
 from .registry import register
 
 WEIGHT_SCHEMES = ("dorefa", "symmetric")
@@ -92,27 +92,10 @@ class PACT(Quantizer):
 
     def quantize(self, v: Tensor) -> Tensor:
         if self.dorefa:
-            return self._dorefa(v)
-        alpha = self.effective_alpha()
-        # Explicit branches (not clamp, whose subgradient at the bound changed across torch versions): x == alpha
-        # belongs to the alpha branch (PACT eq. 3) and x = 0 to the identity branch (dy/dx = 1 on [0, alpha)).
-        if self.signed:
-            inner = torch.where(v <= -alpha, -alpha, v)
-        else:
-            inner = torch.where(v >= 0, v, torch.zeros_like(v))
-        clipped = torch.where(v >= alpha, alpha, inner)
-        step = stop_gradient(alpha) / self.qp  # PACT does not differentiate alpha inside the step
-        return (round_ste(clipped / step) * step).to(v.dtype)
-
-    def _dorefa(self, w: Tensor) -> Tensor:
-        t = torch.tanh(w)
-        peak = t.abs().max().clamp_min(1e-12)
-        if self.detach_max:
-            peak = stop_gradient(peak)
-        n = self.levels_span
-        unit = torch.clamp(t / (2 * peak) + 0.5, 0.0, 1.0)  # in [0, 1] already; the clamp guards rounding error
-        codes = round_ste(unit * n) / n
-        return ((2 * codes - 1) * self.scale).to(w.dtype)
+            return dorefa_quantize(v, self.scale, self.levels_span, self.detach_max)
+        # clip to [0, alpha] ([-alpha, alpha] signed), Q_P steps of alpha / Q_P; alpha is not differentiated inside
+        # the step, x == alpha belongs to the alpha branch (PACT eq. 3) and x = 0 to the identity branch
+        return pact_quantize(v, self.effective_alpha(), self.qp, self.signed)
 
     # ---- interface -----------------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import QuantizerError, Quantizer, check_step
-from .primitives import round_ste, stop_gradient
+from .primitives import qil_quantize
 from .registry import register
 
 OUTPUT_SCALES = ("clip", "normalized")
@@ -69,22 +69,11 @@ class QIL(Quantizer):
 
     def quantize(self, v: Tensor) -> Tensor:
         prune, clip, distance = self.interval()
-        magnitude = v.abs() if self.signed else v
-        # Interior per QIL eq. 3/5: prune below c - d, clip above c + d (the end points give the same values).
-        inside = (magnitude > prune) & (magnitude <= clip)
-        # Outside elements are evaluated at the interval's middle: masked anyway, but this keeps their (zero)
-        # gradients finite for +-inf inputs and for gamma's log(u).
-        safe = torch.where(inside, magnitude, ((prune + clip) / 2).detach())
-        unit = (safe - prune) / (2 * distance)
-        if self.learn_gamma:
-            unit = unit ** self.gamma.abs().clamp_min(1e-3)
-        transformed = torch.where(magnitude > clip, torch.ones_like(unit), torch.where(inside, unit, torch.zeros_like(unit)))
-        if self.signed:
-            transformed = transformed * torch.sign(v)
-        discretized = round_ste(transformed * self.q) / self.q
-        if self.output_scale == "clip":
-            discretized = discretized * stop_gradient(clip.clamp_min(self.min_distance))
-        return discretized.to(v.dtype)
+        # Interior per QIL eq. 3/5: prune below c - d, clip above c + d; gamma only for weights (kept >= 1e-3);
+        # the output scale (the clipping point) is held constant in backward.
+        gamma = self.gamma.abs().clamp_min(1e-3) if self.learn_gamma else None
+        out_scale = clip.clamp_min(self.min_distance) if self.output_scale == "clip" else None
+        return qil_quantize(v, prune, clip, distance, gamma, self.q, self.signed, out_scale)
 
     def levels(self) -> Tensor:
         low = -self.q if self.signed else 0

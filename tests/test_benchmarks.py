@@ -1,0 +1,71 @@
+"""``python -m benchmarks.quantizers --quick``: the benchmark runs end to end and writes its tables (structure only,
+no timing claims), and its paper-pseudocode contender is LSQ."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import quantizers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_every_table(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+    env["QUANTBENCH_KERNELS"] = "eager"  # structure only: skip compiling the kernels in the subprocess
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quantizers", "--quick", "--rounds", "2", "--warmup", "0", "--threads", "1", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ops = pd.read_csv(out / "ops.csv")
+    # the subprocess sees the built-ins (plugins registered by other tests live only in this process)
+    builtins = {"lsq", "fixed", "pact", "qil"}
+    expected = {"relu", "clone", "torch.ao fused", "paper pseudocode", "lsq (reference path)", *builtins}
+    assert expected <= set(ops.contender)
+    assert set(ops.bits) == {2, 8} and set(ops["size"]) == {"2^10", "2^12", "activation"}
+    assert (ops.rounds == 2).all() and (ops.median_ms > 0).all()
+    assert (ops[ops.contender == "relu"].vs_relu == 1.0).all()
+
+    saved = pd.read_csv(out / "saved.csv")
+    lsq = saved[(saved.contender == "lsq") & (saved.role == "activation (unsigned)")].iloc[0]
+    assert bool(lsq.input_saved) and lsq.input_sized_saved == 1
+    assert set(saved.role) == {"activation (unsigned)", "weight (signed)"}
+
+    train = pd.read_csv(out / "train.csv")
+    assert {"fp", *builtins} <= set(train.quantizer) and set(train["mode"]) == {"eager"}
+    assert (train[train.quantizer == "fp"].vs_fp_same_mode == 1.0).all()
+
+    machine = json.loads((out / "machine.json").read_text())
+    assert {"cpu", "logical_cores", "torch", "torch_threads", "command", "load_average_start"} <= set(machine)
+    report = (out / "results.md").read_text()
+    for heading in ("## Forward+backward", "## Bytes saved for backward", "## Pre-activation ResNet-20", "## Targets"):
+        assert heading in report
+
+
+def test_paper_pseudocode_contender_is_lsq(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is not an installed package
+    from benchmarks.quantizers import paper_pseudocode_lsq
+
+    bits = 3
+    quantizer = quantizers.create("lsq", bits=bits, signed=False).double()
+    quantizer.set_step(0.25)
+    v = torch.randn(999, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    upstream = torch.randn(999, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaf = v.clone().requires_grad_(True)
+    quantizer(leaf).backward(upstream)
+    paper_leaf, paper_step = v.clone().requires_grad_(True), torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    paper = paper_pseudocode_lsq(paper_leaf, paper_step, bits)
+    paper.backward(upstream)
+    assert torch.equal(paper.detach(), quantizer(v).detach())
+    assert torch.allclose(paper_leaf.grad, leaf.grad, rtol=1e-12)
+    assert torch.allclose(paper_step.grad, quantizer.step_size.grad, rtol=1e-9)
