@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from quantbench.plotting import save_reproducible
 import quantizers
 from quantizers import Quantizer, QuantizerError
 
@@ -347,13 +348,7 @@ def draw_figure2(data: pd.DataFrame, path_stem: str | Path, with_input_grad: boo
         text = caption(data)
         figure.text(0.01, 0.01, text, fontsize=7.5, va="bottom", ha="left", color="0.25")
         figure.tight_layout(rect=(0, 0.035 * (text.count("\n") + 1) + 0.01, 1, 0.92))
-        written = []
-        # no dates or versions in the files, so regenerating an unchanged figure gives identical bytes
-        formats = ((".png", {"dpi": 150, "metadata": {"Software": None}}), (".svg", {"metadata": {"Date": None}}))
-        for suffix, extra in formats:
-            path = path_stem.parent / (path_stem.name + suffix)
-            figure.savefig(path, **extra)
-            written.append(path)
+        written = save_reproducible(figure, path_stem)
         plt.close(figure)
     return written
 

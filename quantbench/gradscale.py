@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import quantizers
+from quantbench.plotting import save_reproducible
 from quantbench.errors import QuantbenchError
 from quantbench.quantize import quantized_layers, regularization
 from quantizers.lsq import LSQ, lsq_grad_scale
@@ -482,12 +483,7 @@ def draw_figure4(df: pd.DataFrame, path_stem: str | Path) -> list[Path]:
                 "Bars: median over layers at the network's precision; dashed: R = 1.")
         figure.text(0.01, 0.01, note, fontsize=7, va="bottom", ha="left", color="0.25", wrap=True)
         figure.tight_layout(rect=(0, 0.07, 1, 0.92))
-        written = []
-        formats = ((".png", {"dpi": 150, "metadata": {"Software": None}}), (".svg", {"metadata": {"Date": None}}))
-        for suffix, extra in formats:
-            path = path_stem.parent / (path_stem.name + suffix)
-            figure.savefig(path, **extra)
-            written.append(path)
+        written = save_reproducible(figure, path_stem)
         plt.close(figure)
     return written
 

@@ -358,7 +358,7 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
     optimizer = make_optimizer(model, config)
     # The compiled wrapper shares parameters and state_dict keys (under _orig_mod.) with the model; checkpoints and
     # metrics use the plain model, the training and evaluation steps the compiled one.
-    forward = torch.compile(model) if config.compile else model
+    forward = model  # compiled after the first step (--compile): the quantizers' data-driven init runs eagerly
     steps_per_epoch = len(DataLoader(data.train, batch_size=config.batch_size, drop_last=True))
     if config.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, config.max_train_batches)
@@ -408,6 +408,8 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
                     # after the first forward (steps initialized, N known), before the first update
                     print_layer_table(write_layer_table(model, out), bar.console, bool(progress) and not shared)
                 optimizer.step()
+                if config.compile and forward is model:
+                    forward = torch.compile(model)
                 loss_sum += loss.item() * labels.numel()
                 correct += (logits.argmax(1) == labels).sum().item()
                 seen += labels.numel()

@@ -117,8 +117,8 @@ def test_table1_bolds_the_best_per_column() -> None:
 
 
 def _compare_process(out: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "quantbench.cli", "compare", "--quantizers", "lsq,fixed", "--bits", "2,4",
-            "--seeds", "0", "--epochs", "2", "--fp-epochs", "2", "--out", str(out)]
+    args = [sys.executable, "-m", "quantbench.cli", "compare", "--quantizers", "lsq,fixed", "--bits", "2,3,4,8",
+            "--seeds", "0", "--epochs", "3", "--fp-epochs", "2", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -152,6 +152,6 @@ def test_interrupted_compare_completes_on_rerun_without_redoing_runs(tmp_path: P
     for path, mtime in finished.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was redone"
     results = pd.read_csv(out / "results.csv")
-    assert len(results) == 1 + 2 * 2 and results["run"].is_unique and results["top1"].notna().all()
+    assert len(results) == 1 + 2 * 4 and results["run"].is_unique and results["top1"].notna().all()
     assert json.loads((out / "compare.json").read_text())["runs"] == list(results["run"])
     assert (out / "report.md").is_file()
