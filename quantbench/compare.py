@@ -235,6 +235,15 @@ def is_finished(run: PlannedRun) -> bool:
     return (run.directory / "metrics.json").is_file()
 
 
+def _classifier_width(directory: Path) -> int | None:
+    """Runs finished before metrics.json recorded num_classes: the last layer's output width in layers.csv."""
+    try:
+        last = pd.read_csv(directory / "layers.csv").iloc[-1]
+        return int(str(last["weight_shape"]).split("x")[0])
+    except (OSError, ValueError, KeyError, IndexError, pd.errors.EmptyDataError):
+        return None
+
+
 def collect_results(config: CompareConfig, runs: list[PlannedRun] | None = None) -> pd.DataFrame:
     """One row per finished run of the grid (intermediate chain stages excluded), written to DIR/results.csv."""
     rows = []
@@ -243,7 +252,8 @@ def collect_results(config: CompareConfig, runs: list[PlannedRun] | None = None)
             continue
         metrics = json.loads((run.directory / "metrics.json").read_text())
         rows.append({"run": run.name, **run.row, **{k: metrics.get(k) for k in
-                     ("top1", "top5", "test_loss", "model_size_bits", "wall_time_s", "epochs")}})
+                     ("top1", "top5", "test_loss", "model_size_bits", "wall_time_s", "epochs")},
+                     "num_classes": metrics.get("num_classes") or _classifier_width(run.directory)})
     frame = pd.DataFrame(rows)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,58 @@ def table1_markdown(results: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def did_not_converge(row: Any) -> bool:
+    """At chance: top-1 within one point of 100 / num_classes, or no finite test loss (the paper's "did not converge")."""
+    if not math.isfinite(float(row["test_loss"])):
+        return True
+    classes = row.get("num_classes") if hasattr(row, "get") else None
+    return classes is not None and not pd.isna(classes) and float(row["top1"]) <= 100.0 / float(classes) + 1.0
+
+
+def sweep_markdown(results: pd.DataFrame, sweep: dict[str, list[Any]]) -> str:
+    """One row per combination of swept values (the paper's Table 3 / Table 2 layout), columns bits.
+
+    The first row uses the first value of every swept option, which is the reference in the paired differences.
+    """
+    keys = [key for key in sweep if key in results.columns]
+    quantized = results[results["quantizer"] != "fp"]
+    bits = sorted(quantized["bits"].unique())
+    summary = table1(quantized)
+    best = summary.loc[summary.groupby("bits")["mean"].idxmax()].set_index("bits")["label"].to_dict()
+    lines = ["| quantizer | " + " | ".join(keys) + " | " + " | ".join(f"{b}-bit" for b in bits) + " |",
+             "|---|" + "---|" * (len(keys) + len(bits))]
+    for (quantizer, variant), group in quantized.groupby(["quantizer", "variant"], sort=False):
+        label = row_label(quantizer, variant)
+        cells = []
+        for b in bits:
+            runs = group[group["bits"] == b]
+            if runs.empty:
+                cells.append("")
+                continue
+            mean, std, n = _mean_std(runs["top1"])
+            text = _cell(mean, std, best.get(b) == label)
+            failed = sum(did_not_converge(row) for _, row in runs.iterrows())
+            if failed:
+                text += f" (did not converge: {failed}/{n})"
+            cells.append(text)
+        values = [str(group[key].iloc[0]) for key in keys]
+        lines.append(f"| {quantizer} | " + " | ".join(values) + " | " + " | ".join(cells) + " |")
+    seeds = sorted(results["seed"].unique())
+    lines.append("")
+    lines.append(f"Top-1 test accuracy (%), mean ± standard deviation over seeds {', '.join(map(str, seeds))}; the best "
+                 "combination per column in bold. \"did not converge\": top-1 within one point of chance "
+                 "(100 / classes) or a non-finite test loss.")
+    return "\n".join(lines)
+
+
+def reference_label(results: pd.DataFrame, reference: str = "lsq") -> str:
+    """The row the paired differences subtract: the quantizer without options, or its first swept combination."""
+    runs = results[results["quantizer"] == reference]
+    if runs.empty or (runs["variant"] == "").any():
+        return reference
+    return row_label(reference, runs["variant"].iloc[0])
+
+
 def paired_differences(results: pd.DataFrame, reference: str = "lsq") -> pd.DataFrame:
     """Top-1 of each quantizer minus LSQ's, paired by seed, with a 95% t-interval over seeds."""
     from scipy import stats
@@ -118,7 +170,7 @@ def paired_differences(results: pd.DataFrame, reference: str = "lsq") -> pd.Data
 def paired_markdown(differences: pd.DataFrame, reference: str = "lsq") -> str:
     if differences.empty:
         return f"(no {reference} runs to pair with)"
-    lines = ["| method | bits | top-1 minus " + reference + " | 95% interval | seeds |", "|---|---|---|---|---|"]
+    lines = ["| method | bits | top-1 minus reference | 95% interval | seeds |", "|---|---|---|---|---|"]
     for row in differences.itertuples():
         interval = "n/a (one seed)" if math.isnan(row.ci_low) else f"[{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
         lines.append(f"| {row.label} | {row.bits} | {row.difference:+.2f} | {interval} | {row.pairs} |")
@@ -209,6 +261,13 @@ def _history_lines(saved: dict[str, Any]) -> list[str]:
             *[f"- `{entry['command']}` ({entry['started']}, {entry['pending_runs']} runs pending)" for entry in history]]
 
 
+def _sweep_lines(results: pd.DataFrame, config: dict[str, Any]) -> list[str]:
+    sweep = config.get("sweep") or {}
+    if not sweep:
+        return []
+    return ["## Option sweep: one row per combination", "", sweep_markdown(results, sweep), ""]
+
+
 def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
     """Write report.md and its figures for the comparison in ``directory`` (into ``out``, default the same
     directory, with copies of results.csv and compare.json so the report stands alone)."""
@@ -236,7 +295,10 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
         "",
         table1_markdown(results),
         "",
+        *_sweep_lines(results, config),
         "## Paired difference against LSQ",
+        "",
+        f"Reference: {reference_label(results)}.",
         "",
         paired_markdown(differences),
         "",

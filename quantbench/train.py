@@ -5,7 +5,7 @@
     config.json       the resolved config: every default filled in, quantizer conventions included
     layers.csv        the layer table (layer, bits, quantizer, activation sign, N for the gradient scale, steps)
     epochs.csv        per-epoch metrics
-    metrics.json      final top1, top5 (percent), wall_time_s, model_size_bits (written last, atomically)
+    metrics.json      final top1, top5 (percent), wall_time_s, model_size_bits, num_classes (written last, atomically)
     environment.json  package versions, git commit, machine
     checkpoint.pt     model, optimizer, schedule and RNG state after the latest epoch (for --resume)
     model.pt          the final weights (a state_dict; what --init-from reads)
@@ -433,7 +433,8 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
     save_atomically(model.state_dict(), out / "model.pt")
     final = {**{key: history[-1][key] for key in ("top1", "top5", "test_loss")},
              "wall_time_s": elapsed, "model_size_bits": model_size_bits(model),
-             "parameters": sum(p.numel() for p in model.parameters()), "epochs": config.epochs}
+             "parameters": sum(p.numel() for p in model.parameters()), "epochs": config.epochs,
+             "num_classes": data.num_classes}
     write_json(out / "metrics.json", final)  # last: its presence marks the run finished
     return final
 

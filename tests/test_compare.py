@@ -15,7 +15,7 @@ import pytest
 
 from quantbench.compare import QUICK_PRESET, build_config, load_config_file, plan, run_compare
 from quantbench.errors import QuantbenchError
-from quantbench.report import paired_differences, table1_markdown, write_report
+from quantbench.report import paired_differences, reference_label, sweep_markdown, table1_markdown, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +94,7 @@ def test_compare_runs_the_grid_and_writes_the_report(tmp_path: Path) -> None:
     rows = run_compare(ablation, progress=False)
     assert not (tmp_path / "ablation" / "fp").exists()
     assert list(rows["run"]) == ["fp-seed0", "lsq-2bit-seed0-grad_scale=none"]
+    assert (rows["num_classes"] == 10).all()  # digits: the report's chance level
     assert rows.iloc[0]["top1"] == results.set_index("run").loc["fp-seed0", "top1"]
     # the report can be written elsewhere, standing alone
     standalone = write_report(tmp_path / "cmp", tmp_path / "published")
@@ -114,6 +115,25 @@ def test_table1_bolds_the_best_per_column() -> None:
     differences = paired_differences(results)
     row = differences.iloc[0]
     assert row["difference"] == -10.0 and row["ci_low"] == row["ci_high"] == -10.0  # identical paired gaps: zero width
+
+
+def test_sweep_table_has_one_row_per_combination_and_flags_divergence() -> None:
+    def run(scale: str, lr: float, seed: int, top1: float, loss: float = 0.3) -> dict:
+        return {"quantizer": "lsq", "variant": f"grad_scale={scale} lr={lr}", "bits": 2, "seed": seed, "top1": top1,
+                "test_loss": loss, "num_classes": 10, "lsq.grad_scale": scale, "lr": lr}
+
+    results = pd.DataFrame([
+        run("full", 0.01, 0, 88.0), run("full", 0.01, 1, 90.0),
+        run("none", 0.01, 0, 10.0, 2.3026), run("none", 0.01, 1, 60.0),
+        run("none", 0.0001, 0, 85.0), run("none", 0.0001, 1, 86.0, float("nan")),
+        {"quantizer": "fp", "variant": "", "bits": 32, "seed": 0, "top1": 91.0, "test_loss": 0.2, "num_classes": 10},
+    ])
+    table = sweep_markdown(results, {"lsq.grad_scale": ["full", "none"], "lr": [0.01, 0.0001]})
+    assert "| quantizer | lsq.grad_scale | lr | 2-bit |" in table
+    assert "| lsq | full | 0.01 | **89.00 ± 1.41** |" in table
+    assert "| lsq | none | 0.01 | 35.00 ± 35.36 (did not converge: 1/2) |" in table
+    assert "| lsq | none | 0.0001 | 85.50 ± 0.71 (did not converge: 1/2) |" in table  # NaN test loss
+    assert reference_label(results) == "lsq (grad_scale=full lr=0.01)"
 
 
 def _compare_process(out: Path) -> subprocess.Popen:
