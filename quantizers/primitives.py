@@ -26,8 +26,10 @@ conformance kit's gradient check sees through the fused ops), inside :func:`refe
 ``QUANTBENCH_KERNELS=reference``. Fast and reference forms give identical outputs; gradients agree to rounding
 (``tests/test_fast_paths.py``).
 
-Kernels (:func:`set_kernels`, env ``QUANTBENCH_KERNELS`` = ``compiled`` (default) / ``eager`` / ``reference``): with
-``compiled``, the forward and backward bodies of the fused ops are compiled by ``torch.compile`` (inductor: one C++
+Kernels (:func:`set_kernels`, env ``QUANTBENCH_KERNELS`` = ``native`` (default) / ``compiled`` / ``eager`` /
+``reference``): with ``native``, contiguous float32 CPU tensors go through the C kernels of ``native.py`` (lsq / fixed,
+pact, and qil without gamma: the activation-sized work; a few microseconds of call overhead instead of a compiled
+kernel's ~100), and everything else is handled as under ``compiled``. With ``compiled``, the forward and backward bodies of the fused ops are compiled by ``torch.compile`` (inductor: one C++
 loop on CPU, one Triton kernel on CUDA) for contiguous float32/float64 tensors of at least ``min_numel`` elements
 (default 2^13, env ``QUANTBENCH_KERNEL_MIN_NUMEL``); tensors are flattened, so one compiled kernel per dtype and
 device serves every layer shape. Smaller tensors, other dtypes, and any call made while a whole model is being
@@ -53,6 +55,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import native
 
 __all__ = [
     "round_ste",
@@ -143,7 +147,8 @@ def reference_mode(enabled: bool = True) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------------------
 # Kernel selection
 
-BACKENDS = ("compiled", "eager", "reference")
+BACKENDS = ("native", "compiled", "eager", "reference")
+_FAST_BACKENDS = ("native", "compiled")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _KERNEL_DEVICES = ("cpu", "cuda")
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
@@ -153,15 +158,15 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 class KernelSettings:
     """How the fused ops run: ``backend`` (compiled / eager / reference) and the smallest tensor compiled kernels take."""
 
-    backend: str = "compiled"
+    backend: str = "native"
     min_numel: int = 1 << 13
 
 
 def _settings_from_env() -> KernelSettings:
-    backend = os.environ.get("QUANTBENCH_KERNELS", "compiled").strip().lower() or "compiled"
+    backend = os.environ.get("QUANTBENCH_KERNELS", "native").strip().lower() or "native"
     if backend not in BACKENDS:
-        warnings.warn(f"QUANTBENCH_KERNELS={backend!r} is not one of {', '.join(BACKENDS)}; using 'compiled'", stacklevel=2)
-        backend = "compiled"
+        warnings.warn(f"QUANTBENCH_KERNELS={backend!r} is not one of {', '.join(BACKENDS)}; using 'native'", stacklevel=2)
+        backend = "native"
     try:
         min_numel = int(os.environ.get("QUANTBENCH_KERNEL_MIN_NUMEL", 1 << 13))
     except ValueError:
@@ -214,8 +219,22 @@ def _distinct(fn: Callable, tag: str) -> Callable:
     return copy
 
 
+def _native(*tensors: Tensor, scalars: tuple[Tensor, ...] = ()) -> Any:
+    """The native kernel library when the backend is ``native`` and the operands qualify (contiguous float32 CPU
+    tensors, float32 scalars, not while a model is being compiled); otherwise None."""
+    if _settings.backend != "native" or torch.compiler.is_compiling():
+        return None
+    if not native.eligible(*tensors) or any(s.dtype != torch.float32 for s in scalars):
+        return None
+    return native.library()
+
+
+def _scalar_grad(total: float, like: Tensor) -> Tensor:
+    return torch.tensor(total, dtype=like.dtype, device=like.device).reshape(like.shape)
+
+
 def _compilable(tensors: tuple[Tensor, ...]) -> bool:
-    if _settings.backend != "compiled" or _compile_failure is not None or torch.compiler.is_compiling():
+    if _settings.backend not in _FAST_BACKENDS or _compile_failure is not None or torch.compiler.is_compiling():
         return False
     first = tensors[0]
     if first.numel() < _settings.min_numel:
@@ -379,13 +398,21 @@ class _LSQQuantize(torch.autograd.Function):
     def forward(ctx, v: Tensor, step: Tensor, lo: float, hi: float, grad_scale: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(v, step)
         ctx.lo, ctx.hi, ctx.grad_scale = lo, hi, grad_scale
+        lib = _native(v, scalars=(step,))
+        if lib is not None:
+            return native.lsq_forward(lib, v, float(step), lo, hi)
         return _run(_lsq_forward_kernel, (v,), step, lo, hi)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         v, step = ctx.saved_tensors
         grad_v = grad_step = None
-        if ctx.needs_input_grad[1]:
+        lib = _native(v, scalars=(step,))
+        if lib is not None:
+            want_step = ctx.needs_input_grad[1]
+            grad_v, total = native.lsq_backward(lib, grad.contiguous(), v, float(step), ctx.lo, ctx.hi, want_step)
+            grad_step = _scalar_grad(total * ctx.grad_scale, step) if want_step else None
+        elif ctx.needs_input_grad[1]:
             grad_v, total = _run(_lsq_backward_kernel, (grad, v), step, ctx.lo, ctx.hi)
             grad_step = _param_grad(total * ctx.grad_scale, step)
         elif ctx.needs_input_grad[0]:
@@ -458,13 +485,21 @@ class _PACTQuantize(torch.autograd.Function):
     def forward(ctx, v: Tensor, alpha: Tensor, qp: int, signed: bool) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(v, alpha)
         ctx.signed = signed
+        step = alpha / qp
+        lib = _native(v, scalars=(alpha,))
+        if lib is not None:
+            return native.pact_forward(lib, v, float(alpha), float(step), signed)
         forward_kernel, _ = _PACT_KERNELS[signed]
-        return _run(forward_kernel, (v,), alpha, alpha / qp)
+        return _run(forward_kernel, (v,), alpha, step)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         v, alpha = ctx.saved_tensors
-        if _compiling():
+        lib = _native(v, scalars=(alpha,))
+        if lib is not None:
+            grad_v, total = native.pact_backward(lib, grad.contiguous(), v, float(alpha), ctx.signed)
+            total = _scalar_grad(total, alpha)
+        elif _compiling():
             grad_v, total = _pact_backward_traced(grad, v, alpha, ctx.signed)
         else:
             _, backward_kernel = _PACT_KERNELS[ctx.signed]
@@ -663,6 +698,14 @@ def _qil_variants() -> dict[tuple[bool, bool, bool], tuple[Callable, Callable]]:
 _QIL_KERNELS = _qil_variants()
 
 
+def _native_qil(flags: tuple[bool, bool, bool], v: Tensor, *scalars: Tensor | None) -> Any:
+    """Native QIL covers its activations: unsigned, no gamma (signed or gamma layers are weight-sized)."""
+    signed, has_gamma, _ = flags
+    if signed or has_gamma:
+        return None
+    return _native(v, scalars=tuple(s for s in scalars if s is not None))
+
+
 class _QILQuantize(torch.autograd.Function):
     """QIL forward and backward (transformer differentiated exactly inside the interval, discretizer straight
     through, output scale constant): saves only the input and the interval's scalars."""
@@ -673,6 +716,10 @@ class _QILQuantize(torch.autograd.Function):
         ctx.flags = (bool(signed), gamma is not None, out_scale is not None)
         forward_kernel, _ = _QIL_KERNELS[ctx.flags]
         mid, width = (prune + clip) / 2, 2 * distance
+        lib = _native_qil(ctx.flags, v, prune, clip, distance, out_scale)
+        if lib is not None:
+            return native.qil_forward(lib, v, float(prune), float(clip), float(mid), float(width), float(q),
+                                      None if out_scale is None else float(out_scale))
         dummy = v.new_ones(()) if gamma is None or out_scale is None else None
         return _run(
             forward_kernel, (v,), prune, clip, mid, width, dummy if gamma is None else gamma,
@@ -682,7 +729,14 @@ class _QILQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         v, prune, clip, distance, gamma, out_scale = ctx.saved_tensors
-        if _compiling():
+        lib = _native_qil(ctx.flags, v, prune, clip, distance, out_scale)
+        if lib is not None:
+            grad_v, sum_grad, sum_base = native.qil_backward(
+                lib, grad.contiguous(), v, float(prune), float(clip), float(2 * distance),
+                None if out_scale is None else float(out_scale),
+            )
+            grad_prune, grad_width, grad_gamma = _scalar_grad(-sum_grad, prune), _scalar_grad(-sum_base, distance), None
+        elif _compiling():
             grad_v, grad_prune, grad_width, grad_gamma = _qil_backward_traced(
                 grad, v, prune, clip, 2 * distance, gamma, out_scale, ctx.flags[0]
             )

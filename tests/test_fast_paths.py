@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import quantizers
 from quantbench.testing import check_quantizer
-from quantizers import primitives
+from quantizers import native, primitives
 
 BUILTINS = ("lsq", "fixed", "pact", "qil")
 BITS = (2, 3, 4, 8)
@@ -95,18 +95,68 @@ def test_fast_and_reference_paths_agree_in_float64(name: str, kernel_backend: st
         compare_paths(quantizer, v, upstream, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kernel_backend", ["native", "compiled"])
 @pytest.mark.parametrize("name", BUILTINS)
 @settings(max_examples=6, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(case=cases())
-def test_fast_and_reference_paths_agree_in_float32(name: str, case) -> None:
+def test_fast_and_reference_paths_agree_in_float32(name: str, kernel_backend: str, case) -> None:
     """The training dtype: identical outputs; gradients to float32 rounding (sums are taken in another order)."""
     bits, signed, role, count, scale, seed = case
     quantizer = build(name, bits, signed, role, torch.float32)
     v, upstream = _inputs(count, scale, seed, torch.float32)
     with torch.no_grad():
         quantizer(v)
-    with primitives.kernels("compiled", min_numel=2):
+    with primitives.kernels(kernel_backend, min_numel=2):
         compare_paths(quantizer, v, upstream, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_native_kernels_match_reference_on_activation_sized_tensors(name: str) -> None:
+    """Big enough for the threaded native loops (and their per-thread sums); inputs on and around the boundaries."""
+    assert native.library() is not None, native.failure()
+    generator = torch.Generator().manual_seed(5)
+    for signed, role in ROLE_CONFIGS:
+        quantizer = build(name, 3, signed, role, torch.float32)
+        v = torch.randn(3, 40, 1000, generator=generator) * 2
+        v[0, 0, :50] = 0.0
+        with torch.no_grad():
+            quantizer(v)
+        levels = quantizer.levels()
+        v[1, 0, : levels.numel()] = levels  # exactly on the grid and the clip points
+        v[1, 1, :2] = torch.tensor([1e30, -1e30])  # far outside (inf: the reference path's step gradient is NaN)
+        upstream = torch.randn(v.shape, generator=generator)
+        with primitives.kernels("native"):
+            compare_paths(quantizer, v, upstream, rtol=1e-5)
+            first, again = forward_backward(quantizer, v, upstream), forward_backward(quantizer, v, upstream)
+        for key in first[2]:
+            assert torch.equal(first[2][key], again[2][key]), "native parameter gradients are not reproducible"
+
+
+def test_without_a_c_compiler_native_falls_back_with_one_warning(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    quantizer = quantizers.create("lsq", bits=4, signed=False)
+    v, upstream = torch.rand(4096), torch.randn(4096)
+    with primitives.kernels("native"):
+        with pytest.warns(RuntimeWarning, match="could not build its native CPU kernels.*no C compiler"):
+            first = forward_backward(quantizer, v, upstream)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            forward_backward(quantizer, v, upstream)
+    with primitives.kernels("eager"):
+        eager = forward_backward(quantizer, v, upstream)
+    assert torch.equal(first[0], eager[0]) and torch.equal(first[1], eager[1])
+
+
+def test_native_kernels_build_once_into_the_cache(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    assert native.library() is not None, native.failure()
+    built = list((tmp_path / "kernels").glob("quantbench_kernels_*.so"))
+    assert len(built) == 1 and not [p for p in (tmp_path / "kernels").iterdir() if p not in built]  # no leftovers
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -130,8 +180,9 @@ def test_options_that_change_the_fused_op_agree_with_reference(name: str) -> Non
                 compare_paths(quantizer, v, upstream, rtol=1e-6)
 
 
-def test_conformance_kit_passes_with_compiled_kernels_on_every_size() -> None:
-    with primitives.kernels("compiled", min_numel=2):
+@pytest.mark.parametrize("kernel_backend", ["native", "compiled"])
+def test_conformance_kit_passes_with_fast_kernels_on_every_size(kernel_backend: str) -> None:
+    with primitives.kernels(kernel_backend, min_numel=2):
         for name in BUILTINS:
             check_quantizer(name, bits=(2, 8), examples=5, checks=("grid", "extremes", "gradients", "shape-dtype"))
 
@@ -149,7 +200,7 @@ def saved_storages(fn, x: torch.Tensor) -> tuple[list[int], int]:
     return big, leaf.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("kernel_backend", ["compiled", "eager"])
+@pytest.mark.parametrize("kernel_backend", ["native", "compiled", "eager"])
 @pytest.mark.parametrize("name", BUILTINS)
 def test_fast_path_saves_nothing_input_sized_but_the_input(name: str, kernel_backend: str) -> None:
     x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))
@@ -270,7 +321,7 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_eager_with_one_warning(mon
 
 def test_kernel_settings_are_validated_and_restored() -> None:
     before = primitives.kernel_settings()
-    with pytest.raises(ValueError, match="compiled, eager, reference"):
+    with pytest.raises(ValueError, match="native, compiled, eager, reference"):
         primitives.set_kernels("fast")
     with primitives.kernels("reference", min_numel=0) as inside:
         assert inside.backend == "reference" and inside.min_numel == 2

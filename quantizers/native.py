@@ -1,0 +1,171 @@
+"""Native CPU kernels for the activation-sized work of lsq / fixed, pact and qil (``native_kernels.c``).
+
+Why C and not only ``torch.compile``: a compiled kernel costs ~100 us of guard and wrapper work per forward+backward,
+and a ResNet-20 training step makes 44 such calls; a C function called through ``ctypes`` costs a few microseconds.
+The C file is built on first use with the system C compiler (``$CC``, else ``cc``; ``FLAGS`` below, with ``-fopenmp``) into ``$QUANTBENCH_CACHE`` (default ``~/.cache/quantbench``), keyed by the source, the flags, the
+compiler and the CPU, and loaded with ``ctypes``. OpenMP links to the ``libgomp.so.1`` torch already loaded, so the
+kernels share torch's threads. Without a compiler quantbench warns once and uses the compiled or eager kernels.
+
+Only contiguous float32 CPU tensors of plain ``Tensor`` type go native; everything else (CUDA, float64, tracing) takes
+the other paths in ``primitives.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+# -ffp-contract=off: no fused multiply-add (bit-identical to torch); -fno-trapping-math: branch-free selects vectorize
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench")) / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile to a temporary file and move it into place (atomic: concurrent builders never see half a library)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        output = Path(scratch) / target.name
+        for extra in (["-fopenmp"], []):  # without OpenMP support, single-threaded kernels
+            command = [compiler, *FLAGS, *extra, str(SOURCE), "-o", str(output), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(output, target)
+                return
+        raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "compiler failed")
+
+
+def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, f32, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
+    signatures = {
+        "lsq_forward": ([p, p, i64, f32, f32, f32, i32], None),
+        "lsq_backward": ([p, p, p, i64, f32, f32, f32, i32, i32], f64),
+        "pact_forward": ([p, p, i64, f32, f32, i32, i32], None),
+        "pact_backward": ([p, p, p, i64, f32, i32, i32], f64),
+        "qil_forward": ([p, p, i64, f32, f32, f32, f32, f32, f32, i32], None),
+        "qil_backward": ([p, p, p, i64, f32, f32, f32, f32, p, i32], None),
+    }
+    for name, (arguments, result) in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = arguments, result
+    return library
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; None (after one warning) where they cannot be built."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    with _lock:
+        if _library is not None or _failure is not None:
+            return _library
+        try:
+            compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+            if compiler is None:
+                raise RuntimeError("no C compiler (set CC, or install gcc)")
+            key = hashlib.sha256(
+                SOURCE.read_bytes() + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode()
+            ).hexdigest()[:16]
+            target = cache_dir() / f"quantbench_kernels_{key}.so"
+            if not target.is_file():
+                _build(compiler, target)
+            _library = _declare(ctypes.CDLL(str(target)))
+        except Exception as error:  # noqa: BLE001 - any build or load failure: fall back, say so once
+            _failure = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"quantbench could not build its native CPU kernels ({_failure}); using the compiled or eager kernels "
+                "(set QUANTBENCH_KERNELS=compiled to silence this)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _library
+
+
+def failure() -> str | None:
+    """Why the native kernels are unavailable (None if they loaded or were never asked for)."""
+    return _failure
+
+
+def eligible(*tensors: Tensor) -> bool:
+    """Contiguous float32 CPU tensors of one shape, plain Tensor type (not fake / traced)."""
+    first = tensors[0]
+    return all(
+        type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+        and t.shape == first.shape
+        for t in tensors
+    )
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def lsq_forward(lib: ctypes.CDLL, v: Tensor, step: float, lo: float, hi: float) -> Tensor:
+    out = torch.empty_like(v)
+    lib.lsq_forward(v.data_ptr(), out.data_ptr(), v.numel(), step, lo, hi, _threads())
+    return out
+
+
+def lsq_backward(lib: ctypes.CDLL, grad: Tensor, v: Tensor, step: float, lo: float, hi: float,
+                 want_step: bool) -> tuple[Tensor, float]:
+    grad_v = torch.empty_like(v)
+    total = lib.lsq_backward(grad.data_ptr(), v.data_ptr(), grad_v.data_ptr(), v.numel(), step, lo, hi,
+                             int(want_step), _threads())
+    return grad_v, total
+
+
+def pact_forward(lib: ctypes.CDLL, v: Tensor, alpha: float, step: float, signed: bool) -> Tensor:
+    out = torch.empty_like(v)
+    lib.pact_forward(v.data_ptr(), out.data_ptr(), v.numel(), alpha, step, int(signed), _threads())
+    return out
+
+
+def pact_backward(lib: ctypes.CDLL, grad: Tensor, v: Tensor, alpha: float, signed: bool) -> tuple[Tensor, float]:
+    grad_v = torch.empty_like(v)
+    total = lib.pact_backward(grad.data_ptr(), v.data_ptr(), grad_v.data_ptr(), v.numel(), alpha, int(signed),
+                              _threads())
+    return grad_v, total
+
+
+def qil_forward(lib: ctypes.CDLL, v: Tensor, prune: float, clip: float, mid: float, width: float, q: float,
+                out_scale: float | None) -> Tensor:
+    out = torch.empty_like(v)
+    lib.qil_forward(v.data_ptr(), out.data_ptr(), v.numel(), prune, clip, mid, width, q,
+                    1.0 if out_scale is None else out_scale, _threads())
+    return out
+
+
+def qil_backward(lib: ctypes.CDLL, grad: Tensor, v: Tensor, prune: float, clip: float, width: float,
+                 out_scale: float | None) -> tuple[Tensor, float, float]:
+    grad_v = torch.empty_like(v)
+    sums = (ctypes.c_double * 2)()
+    lib.qil_backward(grad.data_ptr(), v.data_ptr(), grad_v.data_ptr(), v.numel(), prune, clip, width,
+                     1.0 if out_scale is None else out_scale, ctypes.addressof(sums), _threads())
+    return grad_v, sums[0], sums[1]
