@@ -714,12 +714,15 @@ class _QILQuantize(torch.autograd.Function):
     def forward(ctx, v, prune, clip, distance, gamma, out_scale, q, signed):  # type: ignore[override]
         ctx.save_for_backward(v, prune, clip, distance, gamma, out_scale)
         ctx.flags = (bool(signed), gamma is not None, out_scale is not None)
-        forward_kernel, _ = _QIL_KERNELS[ctx.flags]
-        mid, width = (prune + clip) / 2, 2 * distance
         lib = _native_qil(ctx.flags, v, prune, clip, distance, out_scale)
         if lib is not None:
-            return native.qil_forward(lib, v, float(prune), float(clip), float(mid), float(width), float(q),
+            # In Python floats: 2 * distance is exact; mid only stands in for outside elements, whose output is
+            # 0 or 1 whatever it is.
+            low, high = float(prune), float(clip)
+            return native.qil_forward(lib, v, low, high, (low + high) / 2, 2.0 * float(distance), float(q),
                                       None if out_scale is None else float(out_scale))
+        forward_kernel, _ = _QIL_KERNELS[ctx.flags]
+        mid, width = (prune + clip) / 2, 2 * distance
         dummy = v.new_ones(()) if gamma is None or out_scale is None else None
         return _run(
             forward_kernel, (v,), prune, clip, mid, width, dummy if gamma is None else gamma,
@@ -732,7 +735,7 @@ class _QILQuantize(torch.autograd.Function):
         lib = _native_qil(ctx.flags, v, prune, clip, distance, out_scale)
         if lib is not None:
             grad_v, sum_grad, sum_base = native.qil_backward(
-                lib, grad.contiguous(), v, float(prune), float(clip), float(2 * distance),
+                lib, grad.contiguous(), v, float(prune), float(clip), 2.0 * float(distance),
                 None if out_scale is None else float(out_scale),
             )
             grad_prune, grad_width, grad_gamma = _scalar_grad(-sum_grad, prune), _scalar_grad(-sum_base, distance), None
