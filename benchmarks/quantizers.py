@@ -96,6 +96,14 @@ def load_average() -> str:
         return "n/a"
 
 
+def kernels_description(settings: primitives.KernelSettings) -> str:
+    compiled = f"compiled for >= {settings.min_numel} elements"
+    if settings.backend != "native":
+        return f"{settings.backend} ({compiled})"
+    built = "built" if native.library() is not None else f"unavailable: {native.failure()}"
+    return f"native: native C for float32 CPU tensors ({built}), else {compiled}"
+
+
 def machine_info(allocator: str) -> dict[str, Any]:
     settings = primitives.kernel_settings()
     return {
@@ -106,10 +114,7 @@ def machine_info(allocator: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "allocator": allocator,
-        "kernels": (f"{settings.backend}: native C for float32 CPU tensors "
-                    f"({'built' if native.library() is not None else 'unavailable: ' + str(native.failure())}), "
-                    f"else compiled for >= {settings.min_numel} elements" if settings.backend == "native" else
-                    f"{settings.backend} (compiled for >= {settings.min_numel} elements)"),
+        "kernels": kernels_description(settings),
         "command": "python -m benchmarks.quantizers " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]),
         "load_average_start": load_average(),
     }

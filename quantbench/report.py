@@ -91,7 +91,7 @@ def did_not_converge(row: Any) -> bool:
     """At chance: top-1 within one point of 100 / num_classes, or no finite test loss (the paper's "did not converge")."""
     if not math.isfinite(float(row["test_loss"])):
         return True
-    classes = row.get("num_classes") if hasattr(row, "get") else None
+    classes = row.get("num_classes")
     return classes is not None and not pd.isna(classes) and float(row["top1"]) <= 100.0 / float(classes) + 1.0
 
 

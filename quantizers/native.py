@@ -113,14 +113,9 @@ def failure() -> str | None:
     return _failure
 
 
-def eligible(*tensors: Tensor) -> bool:
-    """Contiguous float32 CPU tensors of one shape, plain Tensor type (not fake / traced)."""
-    first = tensors[0]
-    return all(
-        type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-        and t.shape == first.shape
-        for t in tensors
-    )
+def eligible(v: Tensor) -> bool:
+    """A contiguous float32 CPU tensor of plain Tensor type (not fake / traced)."""
+    return type(v) in _PLAIN and v.dtype == torch.float32 and v.device.type == "cpu" and v.is_contiguous()
 
 
 def _threads() -> int:

@@ -51,12 +51,11 @@ void lsq_forward(const float *restrict v, float *restrict out, int64_t n, float 
 double lsq_backward(const float *restrict grad, const float *restrict v, float *restrict grad_v, int64_t n, float step,
                     float lo, float hi, int want_step, int threads) {
     double partial[MAX_THREADS] = {0};
-    int nt = team(n, threads), used = 1;
+    int nt = team(n, threads);
 #pragma omp parallel num_threads(nt)
     {
         int t = THREAD_ID;
         int64_t begin, end;
-        if (t == 0) used = TEAM_SIZE;
         chunk(n, t, TEAM_SIZE, &begin, &end);
         double sum = 0.0;
         if (want_step) {
@@ -77,7 +76,8 @@ double lsq_backward(const float *restrict grad, const float *restrict v, float *
         partial[t] = sum;
     }
     double total = 0.0;
-    for (int t = 0; t < used; t++) total += partial[t];
+    for (int t = 0; t < nt; t++) /* entries of threads OpenMP did not start stay 0 */
+        total += partial[t];
     return total;
 }
 
@@ -105,12 +105,11 @@ void pact_forward(const float *restrict v, float *restrict out, int64_t n, float
 double pact_backward(const float *restrict grad, const float *restrict v, float *restrict grad_v, int64_t n,
                      float alpha, int is_signed, int threads) {
     double partial[MAX_THREADS] = {0};
-    int nt = team(n, threads), used = 1;
+    int nt = team(n, threads);
 #pragma omp parallel num_threads(nt)
     {
         int t = THREAD_ID;
         int64_t begin, end;
-        if (t == 0) used = TEAM_SIZE;
         chunk(n, t, TEAM_SIZE, &begin, &end);
         double sum = 0.0;
         if (is_signed) {
@@ -131,7 +130,8 @@ double pact_backward(const float *restrict grad, const float *restrict v, float 
         partial[t] = sum;
     }
     double total = 0.0;
-    for (int t = 0; t < used; t++) total += partial[t];
+    for (int t = 0; t < nt; t++) /* entries of threads OpenMP did not start stay 0 */
+        total += partial[t];
     return total;
 }
 
@@ -155,12 +155,11 @@ void qil_forward(const float *restrict v, float *restrict out, int64_t n, float 
 void qil_backward(const float *restrict grad, const float *restrict v, float *restrict grad_v, int64_t n, float prune,
                   float clip, float width, float out_scale, double *sums, int threads) {
     double partial[MAX_THREADS][2] = {{0}};
-    int nt = team(n, threads), used = 1;
+    int nt = team(n, threads);
 #pragma omp parallel num_threads(nt)
     {
         int t = THREAD_ID;
         int64_t begin, end;
-        if (t == 0) used = TEAM_SIZE;
         chunk(n, t, TEAM_SIZE, &begin, &end);
         double sum_grad = 0.0, sum_base = 0.0;
         float inverse = 1.0f / width; /* gradients need 1e-6 relative, not bits: one multiply instead of two divides */
@@ -178,7 +177,7 @@ void qil_backward(const float *restrict grad, const float *restrict v, float *re
         partial[t][1] = sum_base;
     }
     sums[0] = sums[1] = 0.0;
-    for (int t = 0; t < used; t++) {
+    for (int t = 0; t < nt; t++) { /* entries of threads OpenMP did not start stay 0 */
         sums[0] += partial[t][0];
         sums[1] += partial[t][1];
     }

@@ -219,12 +219,13 @@ def _distinct(fn: Callable, tag: str) -> Callable:
     return copy
 
 
-def _native(*tensors: Tensor, scalars: tuple[Tensor, ...] = ()) -> Any:
-    """The native kernel library when the backend is ``native`` and the operands qualify (contiguous float32 CPU
-    tensors, float32 scalars, not while a model is being compiled); otherwise None."""
+def _native(v: Tensor, scalars: tuple[Tensor, ...] = ()) -> Any:
+    """The native kernel library when the backend is ``native`` and the operands qualify (a contiguous float32 CPU
+    input, float32 scalars, not while a model is being compiled); otherwise None. Forwards decide, and keep the
+    decision in ``ctx.lib`` for their backward (which takes the same saved operands)."""
     if _settings.backend != "native" or torch.compiler.is_compiling():
         return None
-    if not native.eligible(*tensors) or any(s.dtype != torch.float32 for s in scalars):
+    if not native.eligible(v) or any(s.dtype != torch.float32 for s in scalars):
         return None
     return native.library()
 
@@ -398,7 +399,7 @@ class _LSQQuantize(torch.autograd.Function):
     def forward(ctx, v: Tensor, step: Tensor, lo: float, hi: float, grad_scale: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(v, step)
         ctx.lo, ctx.hi, ctx.grad_scale = lo, hi, grad_scale
-        lib = _native(v, scalars=(step,))
+        ctx.lib = lib = _native(v, scalars=(step,))
         if lib is not None:
             return native.lsq_forward(lib, v, float(step), lo, hi)
         return _run(_lsq_forward_kernel, (v,), step, lo, hi)
@@ -407,7 +408,7 @@ class _LSQQuantize(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         v, step = ctx.saved_tensors
         grad_v = grad_step = None
-        lib = _native(v, scalars=(step,))
+        lib = ctx.lib
         if lib is not None:
             want_step = ctx.needs_input_grad[1]
             grad_v, total = native.lsq_backward(lib, grad.contiguous(), v, float(step), ctx.lo, ctx.hi, want_step)
@@ -486,7 +487,7 @@ class _PACTQuantize(torch.autograd.Function):
         ctx.save_for_backward(v, alpha)
         ctx.signed = signed
         step = alpha / qp
-        lib = _native(v, scalars=(alpha,))
+        ctx.lib = lib = _native(v, scalars=(alpha,))
         if lib is not None:
             return native.pact_forward(lib, v, float(alpha), float(step), signed)
         forward_kernel, _ = _PACT_KERNELS[signed]
@@ -495,7 +496,7 @@ class _PACTQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         v, alpha = ctx.saved_tensors
-        lib = _native(v, scalars=(alpha,))
+        lib = ctx.lib
         if lib is not None:
             grad_v, total = native.pact_backward(lib, grad.contiguous(), v, float(alpha), ctx.signed)
             total = _scalar_grad(total, alpha)
@@ -714,7 +715,7 @@ class _QILQuantize(torch.autograd.Function):
     def forward(ctx, v, prune, clip, distance, gamma, out_scale, q, signed):  # type: ignore[override]
         ctx.save_for_backward(v, prune, clip, distance, gamma, out_scale)
         ctx.flags = (bool(signed), gamma is not None, out_scale is not None)
-        lib = _native_qil(ctx.flags, v, prune, clip, distance, out_scale)
+        ctx.lib = lib = _native_qil(ctx.flags, v, prune, clip, distance, out_scale)
         if lib is not None:
             # In Python floats: 2 * distance is exact; mid only stands in for outside elements, whose output is
             # 0 or 1 whatever it is.
@@ -732,7 +733,7 @@ class _QILQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         v, prune, clip, distance, gamma, out_scale = ctx.saved_tensors
-        lib = _native_qil(ctx.flags, v, prune, clip, distance, out_scale)
+        lib = ctx.lib
         if lib is not None:
             grad_v, sum_grad, sum_base = native.qil_backward(
                 lib, grad.contiguous(), v, float(prune), float(clip), 2.0 * float(distance),
