@@ -1,4 +1,5 @@
-"""Native CPU kernels for the activation-sized work of lsq / fixed, pact and qil (``native_kernels.c``).
+"""Native CPU kernels for the activation-sized work of lsq / fixed, pact and qil, and for QIL's signed / gamma
+weights where torch runs its AVX512 kernels (``native_kernels.c``).
 
 Why C and not only ``torch.compile``: a compiled kernel costs ~100 us of guard and wrapper work per forward+backward,
 and a ResNet-20 training step makes 44 such calls; a C function called through ``ctypes`` costs a few microseconds.
@@ -34,6 +35,7 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
+_vector_math = False  # the QIL gamma / signed kernels are usable (see vector_math)
 
 
 def cache_dir() -> Path:
@@ -72,15 +74,32 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "qil_forward": ([p, p, i64, f32, f32, f32, f32, f32, f32, i32], None),
         "qil_backward": ([p, p, p, i64, f32, f32, f32, f32, p, i32], None),
     }
+    if hasattr(library, "qil_gamma_forward"):  # built with AVX-512
+        signatures["qil_gamma_forward"] = ([p, p, i64, f32, f32, f32, f32, f32, f32, f32, i32, i32, i32], None)
+        signatures["qil_gamma_backward"] = ([p, p, p, i64, f32, f32, f32, f32, f32, i32, i32, p, i32], None)
     for name, (arguments, result) in signatures.items():
         function = getattr(library, name)
         function.argtypes, function.restype = arguments, result
     return library
 
 
+def _connect_vector_math(library: ctypes.CDLL) -> bool:
+    """Hand torch's own SLEEF pow / log to the QIL gamma kernels, where that makes them equal torch bit for bit: the
+    kernels were built with AVX-512 and torch runs its AVX512 kernels (which call exactly these functions)."""
+    if not hasattr(library, "qil_gamma_forward") or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        pow16, log16 = torch_cpu.Sleef_powf16_u10, torch_cpu.Sleef_logf16_u10
+    except (OSError, AttributeError):
+        return False
+    library.qil_vector_math.argtypes, library.qil_vector_math.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+    return bool(library.qil_vector_math(ctypes.cast(pow16, ctypes.c_void_p), ctypes.cast(log16, ctypes.c_void_p)))
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, building them on first use; None (after one warning) where they cannot be built."""
-    global _library, _failure
+    global _library, _failure, _vector_math
     if _library is not None or _failure is not None:
         return _library
     with _lock:
@@ -96,7 +115,9 @@ def library() -> ctypes.CDLL | None:
             target = cache_dir() / f"quantbench_kernels_{key}.so"
             if not target.is_file():
                 _build(compiler, target)
-            _library = _declare(ctypes.CDLL(str(target)))
+            loaded = _declare(ctypes.CDLL(str(target)))
+            _vector_math = _connect_vector_math(loaded)
+            _library = loaded
         except Exception as error:  # noqa: BLE001 - any build or load failure: fall back, say so once
             _failure = f"{type(error).__name__}: {error}"
             warnings.warn(
@@ -106,6 +127,11 @@ def library() -> ctypes.CDLL | None:
                 stacklevel=3,
             )
     return _library
+
+
+def vector_math() -> bool:
+    """Whether QIL's signed / gamma kernels (``qil_gamma_*``) are available (after ``library()``)."""
+    return _vector_math
 
 
 def failure() -> str | None:
@@ -164,3 +190,22 @@ def qil_backward(lib: ctypes.CDLL, grad: Tensor, v: Tensor, prune: float, clip: 
     lib.qil_backward(grad.data_ptr(), v.data_ptr(), grad_v.data_ptr(), v.numel(), prune, clip, width,
                      1.0 if out_scale is None else out_scale, ctypes.addressof(sums), _threads())
     return grad_v, sums[0], sums[1]
+
+
+def qil_gamma_forward(lib: ctypes.CDLL, v: Tensor, prune: float, clip: float, mid: float, width: float,
+                      gamma: float | None, q: float, out_scale: float | None, signed: bool) -> Tensor:
+    out = torch.empty_like(v)
+    lib.qil_gamma_forward(v.data_ptr(), out.data_ptr(), v.numel(), prune, clip, mid, width,
+                          1.0 if gamma is None else gamma, q, 1.0 if out_scale is None else out_scale, int(signed),
+                          int(gamma is not None), _threads())
+    return out
+
+
+def qil_gamma_backward(lib: ctypes.CDLL, grad: Tensor, v: Tensor, prune: float, clip: float, width: float,
+                       gamma: float | None, out_scale: float | None, signed: bool) -> tuple[Tensor, float, float, float]:
+    grad_v = torch.empty_like(v)
+    sums = (ctypes.c_double * 3)()
+    lib.qil_gamma_backward(grad.data_ptr(), v.data_ptr(), grad_v.data_ptr(), v.numel(), prune, clip, width,
+                           1.0 if gamma is None else gamma, 1.0 if out_scale is None else out_scale, int(signed),
+                           int(gamma is not None), ctypes.addressof(sums), _threads())
+    return grad_v, sums[0], sums[1], sums[2]

@@ -700,11 +700,13 @@ _QIL_KERNELS = _qil_variants()
 
 
 def _native_qil(flags: tuple[bool, bool, bool], v: Tensor, *scalars: Tensor | None) -> Any:
-    """Native QIL covers its activations: unsigned, no gamma (signed or gamma layers are weight-sized)."""
+    """Native QIL: unsigned without gamma (its activations) everywhere the kernels build; signed or with gamma (its
+    weights) where the vector kernels equal torch's pow bit for bit (``native.vector_math``)."""
     signed, has_gamma, _ = flags
-    if signed or has_gamma:
-        return None
-    return _native(v, scalars=tuple(s for s in scalars if s is not None))
+    lib = _native(v, scalars=tuple(s for s in scalars if s is not None))
+    if lib is None or not (signed or has_gamma) or native.vector_math():
+        return lib
+    return None
 
 
 class _QILQuantize(torch.autograd.Function):
@@ -715,13 +717,16 @@ class _QILQuantize(torch.autograd.Function):
     def forward(ctx, v, prune, clip, distance, gamma, out_scale, q, signed):  # type: ignore[override]
         ctx.save_for_backward(v, prune, clip, distance, gamma, out_scale)
         ctx.flags = (bool(signed), gamma is not None, out_scale is not None)
-        ctx.lib = lib = _native_qil(ctx.flags, v, prune, clip, distance, out_scale)
+        ctx.lib = lib = _native_qil(ctx.flags, v, prune, clip, distance, gamma, out_scale)
         if lib is not None:
             # In Python floats: 2 * distance is exact; mid only stands in for outside elements, whose output is
             # 0 or 1 whatever it is.
             low, high = float(prune), float(clip)
-            return native.qil_forward(lib, v, low, high, (low + high) / 2, 2.0 * float(distance), float(q),
-                                      None if out_scale is None else float(out_scale))
+            scale = None if out_scale is None else float(out_scale)
+            if signed or gamma is not None:
+                return native.qil_gamma_forward(lib, v, low, high, (low + high) / 2, 2.0 * float(distance),
+                                                None if gamma is None else float(gamma), float(q), scale, signed)
+            return native.qil_forward(lib, v, low, high, (low + high) / 2, 2.0 * float(distance), float(q), scale)
         forward_kernel, _ = _QIL_KERNELS[ctx.flags]
         mid, width = (prune + clip) / 2, 2 * distance
         dummy = v.new_ones(()) if gamma is None or out_scale is None else None
@@ -735,11 +740,19 @@ class _QILQuantize(torch.autograd.Function):
         v, prune, clip, distance, gamma, out_scale = ctx.saved_tensors
         lib = ctx.lib
         if lib is not None:
-            grad_v, sum_grad, sum_base = native.qil_backward(
-                lib, grad.contiguous(), v, float(prune), float(clip), 2.0 * float(distance),
-                None if out_scale is None else float(out_scale),
-            )
-            grad_prune, grad_width, grad_gamma = _scalar_grad(-sum_grad, prune), _scalar_grad(-sum_base, distance), None
+            scale = None if out_scale is None else float(out_scale)
+            if ctx.flags[0] or gamma is not None:
+                grad_v, sum_grad, sum_base, sum_gamma = native.qil_gamma_backward(
+                    lib, grad.contiguous(), v, float(prune), float(clip), 2.0 * float(distance),
+                    None if gamma is None else float(gamma), scale, ctx.flags[0],
+                )
+            else:
+                grad_v, sum_grad, sum_base = native.qil_backward(
+                    lib, grad.contiguous(), v, float(prune), float(clip), 2.0 * float(distance), scale
+                )
+                sum_gamma = 0.0
+            grad_prune, grad_width = _scalar_grad(-sum_grad, prune), _scalar_grad(-sum_base, distance)
+            grad_gamma = None if gamma is None else _scalar_grad(sum_gamma, gamma)
         elif _compiling():
             grad_v, grad_prune, grad_width, grad_gamma = _qil_backward_traced(
                 grad, v, prune, clip, 2 * distance, gamma, out_scale, ctx.flags[0]

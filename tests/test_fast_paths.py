@@ -132,6 +132,32 @@ def test_native_kernels_match_reference_on_activation_sized_tensors(name: str) -
             assert torch.equal(first[2][key], again[2][key]), "native parameter gradients are not reproducible"
 
 
+@pytest.mark.parametrize("numel", [37, 4099, 40000])  # a partial vector, one thread, the threaded split
+def test_native_qil_weights_match_reference_for_any_gamma(numel: int, monkeypatch) -> None:
+    """QIL's weight kernels (signed, learnable gamma) call torch's own vector pow, so outputs stay identical to the
+    reference for every exponent, not only gamma = 1 at init."""
+    assert native.library() is not None, native.failure()
+    if not native.vector_math():
+        pytest.skip("QIL's gamma kernels need an AVX-512 build and torch's AVX512 kernels")
+    calls = []
+    kernel = native.qil_gamma_forward
+    monkeypatch.setattr(native, "qil_gamma_forward", lambda *args: calls.append(args) or kernel(*args))
+    generator = torch.Generator().manual_seed(numel)
+    for gamma in (0.4, 0.77, 1.0, 1.37, 2.0, 3.0):
+        for signed, options in ((True, {}), (True, {"output_scale": "normalized"}), (False, {"role": "weight"})):
+            quantizer = quantizers.create("qil", bits=3, signed=signed, **options)
+            v = torch.randn(numel, generator=generator) * 0.1
+            v[: min(numel, 16)] = 0.0
+            with torch.no_grad():
+                quantizer(v)
+                quantizer.gamma.fill_(gamma)
+            upstream = torch.randn(numel, generator=generator)
+            before = len(calls)
+            with primitives.kernels("native"):
+                compare_paths(quantizer, v, upstream, rtol=1e-5)
+            assert len(calls) == before + 1, "the fast path did not run the native gamma kernel"
+
+
 def test_without_a_c_compiler_native_falls_back_with_one_warning(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "_failure", None)
