@@ -1,5 +1,5 @@
-"""Native CPU kernels for the activation-sized work of lsq / fixed, pact and qil, and for QIL's signed / gamma
-weights where torch runs its AVX512 kernels (``native_kernels.c``).
+"""Native CPU kernels for the activation-sized work of lsq / fixed, pact and qil, for DoReFa's weights (PACT's weight
+scheme), and for QIL's signed / gamma weights where torch runs its AVX512 kernels (``native_kernels.c``).
 
 Why C and not only ``torch.compile``: a compiled kernel costs ~100 us of guard and wrapper work per forward+backward,
 and a ResNet-20 training step makes 44 such calls; a C function called through ``ctypes`` costs a few microseconds.
@@ -73,6 +73,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "pact_backward": ([p, p, p, i64, f32, i32, i32], f64),
         "qil_forward": ([p, p, i64, f32, f32, f32, f32, f32, f32, i32], None),
         "qil_backward": ([p, p, p, i64, f32, f32, f32, f32, p, i32], None),
+        "dorefa_forward": ([p, p, i64, f32, f32, i32], None),
+        "dorefa_backward": ([p, p, p, i64, f32, i32, i32], None),
     }
     if hasattr(library, "qil_gamma_forward"):  # built with AVX-512
         signatures["qil_gamma_forward"] = ([p, p, i64, f32, f32, f32, f32, f32, f32, f32, i32, i32, i32], None)
@@ -190,6 +192,21 @@ def qil_backward(lib: ctypes.CDLL, grad: Tensor, v: Tensor, prune: float, clip: 
     lib.qil_backward(grad.data_ptr(), v.data_ptr(), grad_v.data_ptr(), v.numel(), prune, clip, width,
                      1.0 if out_scale is None else out_scale, ctypes.addressof(sums), _threads())
     return grad_v, sums[0], sums[1]
+
+
+def dorefa_forward(lib: ctypes.CDLL, w: Tensor, levels: float, scale: float) -> Tensor:
+    tanh = torch.tanh(w)  # torch's own tanh: the reference's values bit for bit
+    out = torch.empty_like(w)
+    lib.dorefa_forward(tanh.data_ptr(), out.data_ptr(), w.numel(), levels, scale, _threads())
+    return out
+
+
+def dorefa_backward(lib: ctypes.CDLL, grad: Tensor, w: Tensor, scale: float, detach_max: bool) -> Tensor:
+    tanh = torch.tanh(w)
+    grad_w = torch.empty_like(w)
+    lib.dorefa_backward(grad.data_ptr(), tanh.data_ptr(), grad_w.data_ptr(), w.numel(), scale, int(detach_max),
+                        _threads())
+    return grad_w
 
 
 def qil_gamma_forward(lib: ctypes.CDLL, v: Tensor, prune: float, clip: float, mid: float, width: float,

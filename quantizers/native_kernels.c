@@ -1,5 +1,5 @@
 /* quantbench's native CPU kernels: one pass forward, one pass backward, float32, for the activation-sized work of
- * lsq / fixed, pact and qil (unsigned, no gamma), and, on AVX-512, QIL's signed / gamma weights (end of file).
+ * lsq / fixed, pact and qil (unsigned, no gamma), DoReFa weights, and, on AVX-512, QIL's signed / gamma weights.
  * Loaded by quantizers/native.py through ctypes.
  *
  * Each kernel does exactly the float32 operations of its Python body in quantizers/primitives.py, in the same order
@@ -154,6 +154,95 @@ double pact_backward(const float *restrict grad, const float *restrict v, float 
     for (int t = 0; t < nt; t++) /* entries of threads OpenMP did not start stay 0 */
         total += partial[t];
     return total;
+}
+
+/* ---- DoReFa weights (PACT's weight scheme), given t = tanh(w) from torch ------------------------------------------
+ * tanh itself stays a torch op: torch's CPU tanh is not SLEEF's, and no other tanh equals it bit for bit. */
+
+/* max |t|, NaN if any t is NaN (as torch.max) */
+static float peak_magnitude(const float *restrict t, int64_t n, int threads) {
+    float partial[MAX_THREADS];
+    int nan_seen[MAX_THREADS];
+    int nt = team(n, threads);
+    for (int k = 0; k < nt; k++) { partial[k] = 0.0f; nan_seen[k] = 0; }
+#pragma omp parallel num_threads(nt)
+    {
+        int id = THREAD_ID;
+        int64_t begin, end;
+        chunk(n, id, TEAM_SIZE, &begin, &end);
+        float peak = 0.0f;
+        int nan = 0;
+#pragma omp simd reduction(max : peak) reduction(| : nan)
+        for (int64_t i = begin; i < end; i++) {
+            float magnitude = fabsf(t[i]);
+            peak = magnitude > peak ? magnitude : peak;
+            nan |= magnitude != magnitude;
+        }
+        partial[id] = peak;
+        nan_seen[id] = nan;
+    }
+    float peak = 0.0f;
+    for (int k = 0; k < nt; k++) {
+        if (nan_seen[k]) return NAN;
+        peak = partial[k] > peak ? partial[k] : peak;
+    }
+    return peak;
+}
+
+/* (2 round(clamp(t / (2 max(peak, 1e-12)) + 1/2, 0, 1) n) / n - 1) scale: the eager _dorefa_forward_kernel */
+void dorefa_forward(const float *restrict t, float *restrict out, int64_t n, float levels, float scale, int threads) {
+    float peak = peak_magnitude(t, n, threads);
+    float twice_peak = 2.0f * (peak < 1e-12f ? 1e-12f : peak); /* clamp_min keeps NaN */
+    int nt = team(n, threads);
+#pragma omp parallel for simd num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float unit = clampf(t[i] / twice_peak + 0.5f, 0.0f, 1.0f);
+        out[i] = (2.0f * (rintf(unit * levels) / levels) - 1.0f) * scale;
+    }
+}
+
+/* The eager _dorefa_backward_kernel: through the clamp (open interval), t / (2 peak), the max (shared by its ties)
+ * unless detach_max, and tanh' = 1 - t^2. */
+void dorefa_backward(const float *restrict grad, const float *restrict t, float *restrict grad_w, int64_t n,
+                     float scale, int detach_max, int threads) {
+    float raw_peak = peak_magnitude(t, n, threads);
+    float twice_peak = 2.0f * (raw_peak < 1e-12f ? 1e-12f : raw_peak);
+    float twice_scale = 2.0f * scale;
+    int nt = team(n, threads);
+    double partial[MAX_THREADS] = {0};
+    int64_t tie_count[MAX_THREADS] = {0};
+    /* pass 1: grad_w <- d L / d unit; the peak's gradient sum and the number of ties */
+#pragma omp parallel num_threads(nt)
+    {
+        int id = THREAD_ID;
+        int64_t begin, end;
+        chunk(n, id, TEAM_SIZE, &begin, &end);
+        double sum = 0.0;
+        int64_t ties = 0;
+        for (int64_t i = begin; i < end; i++) {
+            float unsat = t[i] / twice_peak + 0.5f;
+            float grad_unit = (unsat > 0.0f) & (unsat < 1.0f) ? grad[i] * twice_scale : 0.0f;
+            grad_w[i] = grad_unit;
+            sum += (double)(grad_unit * t[i]);
+            ties += fabsf(t[i]) == raw_peak;
+        }
+        partial[id] = sum;
+        tie_count[id] = ties;
+    }
+    double sum = 0.0;
+    int64_t ties = 0;
+    for (int k = 0; k < nt; k++) { sum += partial[k]; ties += tie_count[k]; }
+    float grad_peak = 0.0f;
+    if (!detach_max && raw_peak > 1e-12f)
+        grad_peak = (float)(-sum * 2.0 / ((double)twice_peak * (double)twice_peak)) / (float)ties;
+    /* pass 2: grad_w <- (grad_unit / (2 peak) + [|t| = peak] grad_peak sign(t)) (1 - t^2) */
+#pragma omp parallel for simd num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float grad_t = grad_w[i] / twice_peak;
+        float sign = (float)((t[i] > 0.0f) - (t[i] < 0.0f));
+        if (fabsf(t[i]) == raw_peak) grad_t = grad_t + grad_peak * sign;
+        grad_w[i] = grad_t * (1.0f - t[i] * t[i]);
+    }
 }
 
 /* ---- QIL, unsigned without gamma (its activations): round(T(v) q) / q (times out_scale) -------------------------- */

@@ -586,6 +586,9 @@ class _DoReFaQuantize(torch.autograd.Function):
     def forward(ctx, w: Tensor, scale: Tensor, n: int, detach_max: bool) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(w, scale)
         ctx.detach_max = detach_max
+        ctx.lib = lib = _native(w, scalars=(scale,))
+        if lib is not None:
+            return native.dorefa_forward(lib, w, float(n), float(scale))
         return _run(_dorefa_forward_kernel, (w,), scale, float(n))
 
     @staticmethod
@@ -593,6 +596,8 @@ class _DoReFaQuantize(torch.autograd.Function):
         w, scale = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             grad_w = None
+        elif ctx.lib is not None:
+            grad_w = native.dorefa_backward(ctx.lib, grad.contiguous(), w, float(scale), ctx.detach_max)
         elif _compiling():
             grad_w = _dorefa_backward_traced(grad, w, scale, ctx.detach_max)
         else:
