@@ -55,6 +55,7 @@ QUICK_ACTIVATION_SHAPE = (2, 4, 8, 8)
 BITS = (2, 8)
 TRAIN_BITS = 4
 SAVED_NUMEL = 1 << 20
+NOISY_SPREAD = 0.10  # per-round step ratios spread wider than this (IQR over median) mark the run as disturbed
 
 
 # ---- machine --------------------------------------------------------------------------------------------------------
@@ -368,6 +369,14 @@ def bench_train(names: list[str], batch: int, image: int, rounds: int, warmup: i
             "vs_fp_eager": medians[variant.name] / medians["fp eager"],
             "compile_s": compile_seconds.get(variant.name, float("nan")),
         })
+    for row, variant in zip(rows, variants):
+        # How far to trust the ratio: the interquartile range of the per-round ratios (this variant over full
+        # precision in the same round) over their median. A host slowdown spanning a whole round cancels here; one
+        # that hits some variants of a round and not others does not.
+        baseline = samples[f"fp {row['mode']}"]
+        ratios = [mine / theirs for mine, theirs in zip(samples[variant.name], baseline)]
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        row["spread"] = (quartiles[2] - quartiles[0]) / statistics.median(ratios)
     return pd.DataFrame(rows)
 
 
@@ -441,6 +450,11 @@ def write_report(out: Path, machine: dict[str, Any], ops: pd.DataFrame, saved: p
     lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in machine.items() if key != "command"]
     lines += ["", "Ratios are of medians over interleaved rounds in one process; see the CSV files for quartiles.", ""]
 
+    if train is not None and len(train):
+        spread = float(train.spread.max())
+        verdict = "quiet" if spread <= NOISY_SPREAD else "**noisy: something else used the CPU; rerun on an idle machine**"
+        lines += [f"Training-step noise: the widest interquartile range of per-round ratios to full precision, over "
+                  f"their median, is {spread:.1%} ({verdict}; the threshold is {NOISY_SPREAD:.0%}).", ""]
     checks = acceptance(ops, saved, train)
     if checks:
         lines += ["## Targets (issue 7), on this run", "", "| target | measured | met |", "|---|---|---|"]
@@ -493,7 +507,7 @@ def train_markdown(train: pd.DataFrame) -> list[str]:
              f"Batch {batch}, forward + cross-entropy + backward + SGD step; every conv/linear weight and input "
              f"quantized at {TRAIN_BITS} bits (first and last layer 8). `vs fp` is against full precision in the same "
              "mode (eager or compiled).", ""]
-    lines += [markdown_table(train[["quantizer", "mode", "median_ms", "vs_fp_same_mode", "vs_fp_eager", "compile_s"]]), ""]
+    lines += [markdown_table(train[["quantizer", "mode", "median_ms", "spread", "vs_fp_same_mode", "vs_fp_eager", "compile_s"]]), ""]
     return lines
 
 

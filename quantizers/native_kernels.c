@@ -262,7 +262,7 @@ void qil_forward(const float *restrict v, float *restrict out, int64_t n, float 
 
 /* grad_v = upstream / width inside (prune, clip]; sums[0] = sum(grad_v) (minus d L / d prune),
  * sums[1] = sum(grad_v * (v - prune) / width) inside (minus d L / d width).
- * Written with vector types: two double reductions under `omp simd` kept their accumulators on the stack (2x slower). */
+ * Written with vector types: two double reductions under `omp simd` kept their accumulators on the stack (slow). */
 void qil_backward(const float *restrict grad, const float *restrict v, float *restrict grad_v, int64_t n, float prune,
                   float clip, float width, float out_scale, double *sums, int threads) {
     double partial[MAX_THREADS][2] = {{0}};
@@ -306,7 +306,7 @@ void qil_backward(const float *restrict grad, const float *restrict v, float *re
 /* ---- QIL with an exponent gamma and/or signed (its weights): AVX-512 only ------------------------------------------
  * x^gamma and log x come from torch's own SLEEF functions (Sleef_powf16_u10, Sleef_logf16_u10: what torch.pow and
  * torch.log run on an AVX512 CPU), handed over by native.py, so outputs equal torch's reference path bit for bit. No
- * other libm pow does (glibc's powf differs from SLEEF's in the last bit for ~2% of inputs), so elsewhere these
+ * other libm pow does (glibc's powf differs from SLEEF's in the last bit for some inputs), so elsewhere these
  * kernels are absent (qil_vector_math returns 0) and QIL's weights take the compiled kernels. */
 #if defined(__AVX512F__)
 #include <immintrin.h>

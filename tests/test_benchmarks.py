@@ -51,6 +51,18 @@ def test_quick_benchmark_writes_every_table(tmp_path: Path) -> None:
     for heading in ("## Forward+backward", "## Bytes saved for backward", "## Pre-activation ResNet-20", "## Targets"):
         assert heading in report
 
+    # the side-by-side summary reads the runs' files into the README between its markers, keeping the prose
+    from benchmarks import summary
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# prose before\n\n{summary.BEGIN}\nstale\n{summary.END}\n\nprose after\n")
+    summary.main([str(out), str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# prose before") and text.rstrip().endswith("prose after") and "stale" not in text
+    assert "lsq saves at most one input-sized tensor" in text and "ResNet-20 step, lsq eager <= 1.2x" in text
+    fp_row = next(line for line in text.splitlines() if line.startswith("| fp |"))
+    assert fp_row.count("(1.000x)") == 2  # eager in each of the two runs; --quick compiles nothing
+
 
 def test_paper_pseudocode_contender_is_lsq(monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is not an installed package
