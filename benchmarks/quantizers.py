@@ -102,7 +102,8 @@ def kernels_description(settings: primitives.KernelSettings) -> str:
     if settings.backend != "native":
         return f"{settings.backend} ({compiled})"
     built = "built" if native.library() is not None else f"unavailable: {native.failure()}"
-    return f"native: native C for float32 CPU tensors ({built}), else {compiled}"
+    qil = "native (torch's SLEEF pow/log)" if native.vector_math() else "compiled (no AVX-512 vector math)"
+    return f"native: native C for float32 CPU tensors ({built}; QIL signed/gamma weights {qil}), else {compiled}"
 
 
 def machine_info(allocator: str) -> dict[str, Any]:
