@@ -372,14 +372,20 @@ def _lsq_forward_kernel(v: Tensor, step: Tensor, lo: float, hi: float) -> Tensor
     return (torch.clamp(torch.round(v / step), lo, hi) * step).to(v.dtype)
 
 
-def _lsq_backward_kernel(grad: Tensor, v: Tensor, step: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+def _lsq_backward_terms(grad: Tensor, v: Tensor, step: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+    """grad_v and the per-element terms of the step gradient (summed by the callers)."""
     z = v / step
     inside = (z > lo) & (z < hi)  # strict interior on the unrounded v/s (paper eq. 3, 5)
     grad_v = torch.where(inside, grad, 0.0)
     # eq. 3 in one expression: clamp(round(z)) - z inside, the clip code lo / hi outside.
     # torch.where (not a multiply by the mask) keeps +-inf inputs from turning into NaN.
     dvhat_dstep = torch.clamp(torch.round(z), lo, hi) - torch.where(inside, z, 0.0)
-    return grad_v, (grad * dvhat_dstep).sum()
+    return grad_v, grad * dvhat_dstep
+
+
+def _lsq_backward_kernel(grad: Tensor, v: Tensor, step: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+    grad_v, terms = _lsq_backward_terms(grad, v, step, lo, hi)
+    return grad_v, terms.sum()
 
 
 def _per_channel_then_total(terms: Tensor) -> Tensor:
@@ -392,11 +398,8 @@ def _per_channel_then_total(terms: Tensor) -> Tensor:
 
 
 def _lsq_backward_traced(grad: Tensor, v: Tensor, step: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
-    z = v / step
-    inside = (z > lo) & (z < hi)
-    grad_v = torch.where(inside, grad, 0.0)
-    dvhat_dstep = torch.clamp(torch.round(z), lo, hi) - torch.where(inside, z, 0.0)
-    return grad_v, _per_channel_then_total(grad * dvhat_dstep)
+    grad_v, terms = _lsq_backward_terms(grad, v, step, lo, hi)
+    return grad_v, _per_channel_then_total(terms)
 
 
 def _clip_backward_kernel(grad: Tensor, v: Tensor, step: Tensor, lo: float, hi: float) -> Tensor:
