@@ -48,6 +48,13 @@ static inline double lane_sum(doubles8 lanes) {
     return sum;
 }
 
+/* The threads' partial sums in thread order (entries of threads OpenMP did not start stay 0): partial[t * stride] */
+static double sum_partials(const double *partial, int nt, int stride) {
+    double total = 0.0;
+    for (int t = 0; t < nt; t++) total += partial[t * stride];
+    return total;
+}
+
 #ifdef _OPENMP
 #define THREAD_ID omp_get_thread_num()
 #define TEAM_SIZE omp_get_num_threads()
@@ -93,10 +100,7 @@ double lsq_backward(const float *restrict grad, const float *restrict v, float *
         }
         partial[t] = sum;
     }
-    double total = 0.0;
-    for (int t = 0; t < nt; t++) /* entries of threads OpenMP did not start stay 0 */
-        total += partial[t];
-    return total;
+    return sum_partials(partial, nt, 1);
 }
 
 /* ---- PACT: clip to [0, alpha] ([-alpha, alpha] signed), round(clipped / step) * step ----------------------------- */
@@ -150,10 +154,7 @@ double pact_backward(const float *restrict grad, const float *restrict v, float 
         }
         partial[t] = sum;
     }
-    double total = 0.0;
-    for (int t = 0; t < nt; t++) /* entries of threads OpenMP did not start stay 0 */
-        total += partial[t];
-    return total;
+    return sum_partials(partial, nt, 1);
 }
 
 /* ---- DoReFa weights (PACT's weight scheme), given t = tanh(w) from torch ------------------------------------------
@@ -161,10 +162,9 @@ double pact_backward(const float *restrict grad, const float *restrict v, float 
 
 /* max |t|, NaN if any t is NaN (as torch.max) */
 static float peak_magnitude(const float *restrict t, int64_t n, int threads) {
-    float partial[MAX_THREADS];
-    int nan_seen[MAX_THREADS];
+    float partial[MAX_THREADS] = {0};
+    int nan_seen[MAX_THREADS] = {0};
     int nt = team(n, threads);
-    for (int k = 0; k < nt; k++) { partial[k] = 0.0f; nan_seen[k] = 0; }
 #pragma omp parallel num_threads(nt)
     {
         int id = THREAD_ID;
@@ -296,11 +296,8 @@ void qil_backward(const float *restrict grad, const float *restrict v, float *re
         partial[t][0] = sum_grad;
         partial[t][1] = sum_base;
     }
-    sums[0] = sums[1] = 0.0;
-    for (int t = 0; t < nt; t++) { /* entries of threads OpenMP did not start stay 0 */
-        sums[0] += partial[t][0];
-        sums[1] += partial[t][1];
-    }
+    sums[0] = sum_partials(&partial[0][0], nt, 2);
+    sums[1] = sum_partials(&partial[0][1], nt, 2);
 }
 
 /* ---- QIL with an exponent gamma and/or signed (its weights): AVX-512 only ------------------------------------------
@@ -404,19 +401,11 @@ void qil_gamma_backward(const float *restrict grad, const float *restrict v, flo
             sum_base = add16(sum_base, _mm512_maskz_mov_ps(inside, _mm512_mul_ps(grad_m, base)));
             sum_gamma = add16(sum_gamma, gamma_term);
         }
-        double lanes_out[3][8];
-        _mm512_storeu_pd(lanes_out[0], sum_grad);
-        _mm512_storeu_pd(lanes_out[1], sum_base);
-        _mm512_storeu_pd(lanes_out[2], sum_gamma);
-        for (int k = 0; k < 3; k++) {
-            double sum = 0.0;
-            for (int j = 0; j < 8; j++) sum += lanes_out[k][j];
-            partial[t][k] = sum;
-        }
+        partial[t][0] = lane_sum((doubles8)sum_grad); /* __m512d and doubles8: the same 8 doubles */
+        partial[t][1] = lane_sum((doubles8)sum_base);
+        partial[t][2] = lane_sum((doubles8)sum_gamma);
     }
-    sums[0] = sums[1] = sums[2] = 0.0;
-    for (int t = 0; t < nt; t++) /* entries of threads OpenMP did not start stay 0 */
-        for (int k = 0; k < 3; k++) sums[k] += partial[t][k];
+    for (int k = 0; k < 3; k++) sums[k] = sum_partials(&partial[0][k], nt, 3);
 }
 #else
 int qil_vector_math(void *pow_function, void *log_function) { (void)pow_function; (void)log_function; return 0; }

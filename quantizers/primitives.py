@@ -749,12 +749,12 @@ class _QILQuantize(torch.autograd.Function):
         if lib is not None:
             # In Python floats: 2 * distance is exact; mid only stands in for outside elements, whose output is
             # 0 or 1 whatever it is.
-            low, high = float(prune), float(clip)
+            low, high, width = float(prune), float(clip), 2.0 * float(distance)
             scale = None if out_scale is None else float(out_scale)
             if signed or gamma is not None:
-                return native.qil_gamma_forward(lib, v, low, high, (low + high) / 2, 2.0 * float(distance),
+                return native.qil_gamma_forward(lib, v, low, high, (low + high) / 2, width,
                                                 None if gamma is None else float(gamma), float(q), scale, signed)
-            return native.qil_forward(lib, v, low, high, (low + high) / 2, 2.0 * float(distance), float(q), scale)
+            return native.qil_forward(lib, v, low, high, (low + high) / 2, width, float(q), scale)
         forward_kernel, _ = _QIL_KERNELS[ctx.flags]
         mid, width = (prune + clip) / 2, 2 * distance
         dummy = v.new_ones(()) if gamma is None or out_scale is None else None
@@ -768,16 +768,14 @@ class _QILQuantize(torch.autograd.Function):
         v, prune, clip, distance, gamma, out_scale = ctx.saved_tensors
         lib = ctx.lib
         if lib is not None:
+            interval = (float(prune), float(clip), 2.0 * float(distance))
             scale = None if out_scale is None else float(out_scale)
             if ctx.flags[0] or gamma is not None:
                 grad_v, sum_grad, sum_base, sum_gamma = native.qil_gamma_backward(
-                    lib, grad.contiguous(), v, float(prune), float(clip), 2.0 * float(distance),
-                    None if gamma is None else float(gamma), scale, ctx.flags[0],
+                    lib, grad.contiguous(), v, *interval, None if gamma is None else float(gamma), scale, ctx.flags[0]
                 )
             else:
-                grad_v, sum_grad, sum_base = native.qil_backward(
-                    lib, grad.contiguous(), v, float(prune), float(clip), 2.0 * float(distance), scale
-                )
+                grad_v, sum_grad, sum_base = native.qil_backward(lib, grad.contiguous(), v, *interval, scale)
                 sum_gamma = 0.0
             grad_prune, grad_width = _scalar_grad(-sum_grad, prune), _scalar_grad(-sum_base, distance)
             grad_gamma = None if gamma is None else _scalar_grad(sum_gamma, gamma)
