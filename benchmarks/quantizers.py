@@ -10,7 +10,7 @@ rotated every round), and reported as medians and ratios, so load from other pro
    ``clone`` forward+backward (the floor: one pass each way), torch.ao's fused learnable fake-quant kernel
    (``torch._fake_quantize_learnable_per_tensor_affine``, behind ``_LearnableFakeQuantize``), the LSQ paper's
    pseudocode (Appendix B: gradscale + roundpass with detach), LSQ's compiled kernel (when the default backend is
-   the native C one) and LSQ's reference path (``reference_mode``).
+   the native C one) and LSQ's reference path (``kernels("reference")``).
    Allocation-warm: glibc is told not to return freed memory to the OS (``mallopt``), so big tensors are not
    page-faulted in again on every call; every contender gets the same allocator.
 2. **saved**: bytes each contender saves for backward (``saved_tensors_hooks``, distinct storages; the input's own
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import quantizers
-from quantizers import native, primitives
+from quantizers.kernels import dispatch, native
 
 FULL_SIZES = (1 << 16, 1 << 20, 1 << 22, 1 << 24)
 QUICK_SIZES = (1 << 10, 1 << 12)
@@ -97,7 +97,7 @@ def load_average() -> str:
         return "n/a"
 
 
-def kernels_description(settings: primitives.KernelSettings) -> str:
+def kernels_description(settings: dispatch.KernelSettings) -> str:
     compiled = f"compiled for >= {settings.min_numel} elements"
     if settings.backend != "native":
         return f"{settings.backend} ({compiled})"
@@ -107,7 +107,7 @@ def kernels_description(settings: primitives.KernelSettings) -> str:
 
 
 def machine_info(allocator: str) -> dict[str, Any]:
-    settings = primitives.kernel_settings()
+    settings = dispatch.kernel_settings()
     return {
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
@@ -164,15 +164,15 @@ def op_contenders(x: Tensor, bits: int, names: list[str]) -> list[Contender]:
     step = built["lsq"].step_size.detach() if "lsq" in built else torch.tensor(0.1)
 
     def lsq_reference(leaf: Tensor, _quantizer=built.get("lsq")) -> Tensor:
-        with primitives.reference_mode():
+        with dispatch.kernels("reference"):
             return _quantizer(leaf)
 
     def lsq_compiled(leaf: Tensor, _quantizer=built.get("lsq")) -> Tensor:
-        with primitives.kernels("compiled"):
+        with dispatch.kernels("compiled"):
             return _quantizer(leaf)
 
     if "lsq" in built:
-        if primitives.kernel_settings().backend == "native":
+        if dispatch.kernel_settings().backend == "native":
             contenders.append(Contender("lsq (compiled kernel)", lsq_compiled, list(built["lsq"].parameters())))
         contenders.append(Contender("lsq (reference path)", lsq_reference, list(built["lsq"].parameters())))
     qmax = 2**bits - 1
@@ -305,7 +305,7 @@ class TrainVariant:
 
 def build_variant(quantizer: str | None, compiled: bool, images: Tensor, labels: Tensor) -> TrainVariant:
     from quantbench.models import create_model
-    from quantbench.quantize import QuantConfig, quantize_
+    from quantbench.qat import QuantConfig, quantize_
 
     torch.manual_seed(0)
     model = create_model("preact_resnet20", num_classes=10, in_channels=images.shape[1])
@@ -323,7 +323,7 @@ def build_variant(quantizer: str | None, compiled: bool, images: Tensor, labels:
 
 
 def train_step(variant: TrainVariant, images: Tensor, labels: Tensor) -> float:
-    from quantbench.quantize import regularization
+    from quantbench.qat import regularization
 
     start = time.perf_counter()
     loss = F.cross_entropy(variant.forward(images), labels)

@@ -6,11 +6,18 @@
 
 Write your own in one file: subclass ``Quantizer``, build ``quantize`` from ``round_ste`` / ``stop_gradient`` /
 ``scale_grad``, decorate with ``@quantizers.register("name")`` and load it with ``--plugin your_file.py``.
+``quantizers.conformance.check_quantizer("name")`` checks it against finite differences.
+
+Layout: ``base`` (the contract), ``registry``, ``ste`` (the straight-through primitives: the plugin API),
+``integer`` (``IntegerSpec``), ``conformance`` (the kit), one file per family (``lsq``, ``qil``, ``pact``, ``fixed``)
+and ``kernels/`` (the fused ops, their C and compiled kernels, and the switch that picks one).
 """
 
-from .base import MAX_BITS, MIN_BITS, Quantizer, QuantizerError, lsq_init_step
-from .primitives import lsq_quantize, record_surrogate, replay_surrogate, round_ste, scale_grad, stop_gradient
+from .base import MAX_BITS, MIN_BITS, Quantizer, QuantizerError, check_choice, lsq_init_step
+from .integer import IntegerSpec
+from .kernels import kernels, lsq_quantize
 from .registry import ENTRY_POINT_GROUP, PLUGIN_ENV_VAR, available, create, get, load_plugins, options_of, register
+from .ste import record_surrogate, replay_surrogate, round_ste, scale_grad, stop_gradient
 
 # Built-in quantizers register themselves on import (one file per family).
 from . import fixed, lsq, pact, qil  # noqa: E402,F401  isort: skip
@@ -18,6 +25,9 @@ from . import fixed, lsq, pact, qil  # noqa: E402,F401  isort: skip
 __all__ = [
     "Quantizer",
     "QuantizerError",
+    "IntegerSpec",
+    "check_choice",
+    "kernels",
     "MIN_BITS",
     "MAX_BITS",
     "create",

@@ -1,27 +1,34 @@
 """The one interface every quantizer implements.
 
 A quantizer is an ``nn.Module`` that maps a float tensor to its quantized value at the input's scale. Subclasses
-write four things: ``quantize(v)`` (the forward, built from :mod:`quantizers.primitives`), ``set_step(step)`` (place
-the quantizer at a uniform step so different methods can start from the same operating point), ``levels()`` (the
-values it can output now) and, optionally, ``initialize(v)`` (data-driven init; the default is LSQ's rule, which
-calls ``set_step``). Everything else (bit-width validation, Q_N / Q_P, init-on-first-forward kept in ``state_dict``,
-dtype checks, metadata) lives here.
+write four things: ``quantize(v)`` (the forward, built from :mod:`quantizers.ste` or :mod:`quantizers.kernels`),
+``apply_step(step)`` (place the quantizer at a uniform step so different methods can start from the same operating
+point; called by ``set_step``, which validates the step first and marks the quantizer initialized after), ``levels()``
+(the values it can output now) and, optionally, ``initialize(v)`` (data-driven init; the default is LSQ's rule) and
+``integer_spec()`` (how it runs on integers; the default reads a uniform grid off ``levels()``).
+
+Options are declared once, as ``__init__`` keyword arguments stored under the same attribute names: the registry
+reads the signature (``quantizers.options_of``), ``options()`` reads the attributes, and :func:`check_choice` gives
+the one-line error for a bad value. Everything else (bit-width validation, Q_N / Q_P, init-on-first-forward kept in
+``state_dict``, dtype checks, metadata) lives here.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .errors import QuantizerError
+from .integer import IntegerSpec, spec_from_levels
+
 MIN_BITS, MAX_BITS = 2, 16
 ROLES = ("weight", "activation")
-
-
-class QuantizerError(ValueError):
-    """Bad input to a quantizer or the registry: the message is one line that names the fix."""
 
 
 class Quantizer(nn.Module):
@@ -67,9 +74,27 @@ class Quantizer(nn.Module):
         """The quantized value of ``v`` (already initialized, float): same shape and dtype, at ``v``'s scale."""
         raise NotImplementedError
 
-    def set_step(self, step: float) -> None:
-        """Place the quantizer at the uniform step ``step`` (and mark it initialized)."""
+    def apply_step(self, step: float) -> None:
+        """Place the quantizer at the uniform step ``step`` (already validated: positive and finite)."""
         raise NotImplementedError
+
+    def set_step(self, step: float) -> None:
+        """Place the quantizer at the uniform step ``step`` and mark it initialized (validate, ``apply_step``, mark)."""
+        self.apply_step(check_step(step))
+        self.mark_initialized()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A plugin written before apply_step existed overrides set_step itself: keep the contract for it anyway.
+        if "set_step" in cls.__dict__:
+            own = cls.__dict__["set_step"]
+
+            @functools.wraps(own)
+            def set_step(self: Quantizer, step: float) -> None:
+                own(self, check_step(step))
+                self.mark_initialized()
+
+            cls.set_step = set_step  # type: ignore[method-assign]
 
     def levels(self) -> Tensor:
         """The sorted values the quantizer can output in its current state."""
@@ -99,9 +124,30 @@ class Quantizer(nn.Module):
         reference = next(iter(self.parameters()), self.initialized)
         return torch.zeros((), device=reference.device)
 
+    def integer_spec(self) -> IntegerSpec:
+        """How this quantizer, in its current state, runs on integers (export, integer inference).
+
+        Default: the codes of a uniform ``levels()`` grid, for weights only (a weight's codes can be precomputed from
+        the quantizer's own output); activations need the requantizer, so a quantizer whose activations should run
+        on integers overrides this. Raises :class:`QuantizerError` saying why when it cannot run on integers.
+        """
+        if self.role != "weight":
+            raise QuantizerError(
+                f"quantizer '{self.registry_name or type(self).__name__}' cannot run on integers: quantbench does not "
+                "know how its activations become integer codes; give the class an integer_spec() method (see "
+                "quantizers.integer) or keep its layers in full precision"
+            )
+        return spec_from_levels(self.levels(), self.registry_name or type(self).__name__)
+
     def options(self) -> dict[str, Any]:
-        """The options this quantizer was built with (recorded in run metadata). Subclasses extend it."""
-        return {"role": self.role}
+        """The options this quantizer was built with (recorded in run metadata): every ``__init__`` keyword argument
+        after ``bits`` and ``signed``, read from the attribute of the same name, then ``conventions()``."""
+        names = option_names(type(self))
+        return {"role": self.role, **{name: getattr(self, name) for name in names}, **self.conventions()}
+
+    def conventions(self) -> dict[str, Any]:
+        """Fixed conventions worth recording beside the options (e.g. LSQ's boundary rule); none by default."""
+        return {}
 
     # ---- shared machinery --------------------------------------------------------------------------------------
 
@@ -111,7 +157,7 @@ class Quantizer(nn.Module):
                 f"quantizer '{self.registry_name or type(self).__name__}' needs a floating-point tensor, "
                 f"got {v.dtype}; convert it with .float()"
             )
-        if not self._is_initialized:
+        if not self._is_initialized and v.numel() > 0:  # an empty batch says nothing about the data: wait
             with torch.no_grad():
                 self.initialize(v.detach())
             self.mark_initialized()
@@ -145,6 +191,22 @@ def lsq_init_step(v: Tensor, qp: int, eps: float = 1e-8) -> float:
     """LSQ's initial step ``2 * mean|v| / sqrt(Q_P)``, floored at ``eps`` so all-zero data still gives a step."""
     value = 2.0 * float(v.detach().abs().float().mean()) / math.sqrt(qp)
     return value if math.isfinite(value) and value > eps else eps
+
+
+def option_names(cls: type[Quantizer]) -> list[str]:
+    """The options a quantizer class declares: its ``__init__`` keyword arguments after ``bits`` and ``signed``."""
+    return [
+        name for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if name not in ("self", "bits", "signed") and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)
+    ]
+
+
+def check_choice(quantizer: str, option: str, value: Any, choices: Iterable[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else the one-line error naming them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise QuantizerError(f"{quantizer} {option} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
 
 
 def check_step(step: float) -> float:

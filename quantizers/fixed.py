@@ -8,13 +8,12 @@ max|v|/Q_P (no clipping), ``mse`` = the MSE-optimal step by grid search: ``grid_
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import QuantizerError, Quantizer, check_step, lsq_init_step
-from .primitives import lsq_quantize
+from .base import Quantizer, QuantizerError, check_choice, lsq_init_step
+from .integer import IntegerSpec, exact_float
+from .kernels import lsq_quantize
 from .registry import register
 
 MODES = ("lsq-init", "max", "mse")
@@ -51,8 +50,7 @@ class FixedStep(Quantizer):
         self, bits: int, signed: bool, role: str | None = None, mode: str = "lsq-init", grid_points: int = 200
     ) -> None:
         super().__init__(bits, signed, role)
-        if mode not in MODES:
-            raise QuantizerError(f"fixed mode must be one of {', '.join(MODES)}, got {mode!r}")
+        check_choice("fixed", "mode", mode, MODES)
         if grid_points < 2:
             raise QuantizerError(f"fixed grid_points must be at least 2, got {grid_points}")
         self.mode = mode
@@ -71,18 +69,19 @@ class FixedStep(Quantizer):
     def quantize(self, v: Tensor) -> Tensor:
         return lsq_quantize(v, self.step_size, self.qn, self.qp)
 
-    def set_step(self, step: float) -> None:
-        self.step_size.fill_(check_step(step))
-        self.mark_initialized()
+    def apply_step(self, step: float) -> None:
+        self.step_size.fill_(step)
 
     def levels(self) -> Tensor:
-        return torch.arange(-self.qn, self.qp + 1, dtype=self.step_size.dtype) * self.step_size
+        codes = torch.arange(-self.qn, self.qp + 1, dtype=self.step_size.dtype, device=self.step_size.device)
+        return codes * self.step_size
+
+    def integer_spec(self) -> IntegerSpec:
+        step = exact_float(self.step_size)
+        return IntegerSpec(step, -self.qn, self.qp, width=step)
 
     def current_step(self) -> float:
         return float(self.step_size)
 
     def range_parameters(self) -> dict:
         return {}  # nothing is learned: Figure 2 shows it as such
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "mode": self.mode, "grid_points": self.grid_points}

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import QuantizerError, Quantizer, check_step
-from .primitives import lsq_quantize
+from .base import Quantizer, check_choice
+from .integer import IntegerSpec, exact_float
+from .kernels import lsq_quantize
 from .registry import register
 
 GRAD_SCALES = ("full", "numel", "none")
@@ -48,13 +49,9 @@ class LSQ(Quantizer):
         min_step: float = 1e-8,
     ) -> None:
         super().__init__(bits, signed, role)
-        if grad_scale not in GRAD_SCALES:
-            raise QuantizerError(f"lsq grad_scale must be one of {', '.join(GRAD_SCALES)}, got {grad_scale!r}")
-        if activation_n not in ACTIVATION_N:
-            raise QuantizerError(f"lsq activation_n must be one of {', '.join(ACTIVATION_N)}, got {activation_n!r}")
-        self.grad_scale = grad_scale
+        self.grad_scale = check_choice("lsq", "grad_scale", grad_scale, GRAD_SCALES)
         self.grad_scale_mult = float(grad_scale_mult)
-        self.activation_n = activation_n
+        self.activation_n = check_choice("lsq", "activation_n", activation_n, ACTIVATION_N)
         self.min_step = float(min_step)
         self.step_size = nn.Parameter(torch.tensor(1.0))
         #: N used for the gradient scale on the latest forward (reported in layer tables)
@@ -75,10 +72,9 @@ class LSQ(Quantizer):
         g = lsq_grad_scale(self.grad_scale, self.last_n, self.qp, self.grad_scale_mult)
         return lsq_quantize(v, self.effective_step(), self.qn, self.qp, g)
 
-    def set_step(self, step: float) -> None:
+    def apply_step(self, step: float) -> None:
         with torch.no_grad():
-            self.step_size.fill_(check_step(step))
-        self.mark_initialized()
+            self.step_size.fill_(step)
 
     def levels(self) -> Tensor:
         step = self.effective_step().detach()
@@ -90,12 +86,9 @@ class LSQ(Quantizer):
     def range_parameters(self) -> dict[str, nn.Parameter]:
         return {"step_size": self.step_size}
 
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "grad_scale": self.grad_scale,
-            "grad_scale_mult": self.grad_scale_mult,
-            "activation_n": self.activation_n,
-            "min_step": self.min_step,
-            "boundary": "strict interior on unrounded v/s (paper eq. 3, 5)",
-        }
+    def integer_spec(self) -> IntegerSpec:
+        step = exact_float(self.effective_step())  # codes clamp(round(v/s), -Q_N, Q_P), value code * s
+        return IntegerSpec(step, -self.qn, self.qp, width=step)
+
+    def conventions(self) -> dict[str, Any]:
+        return {"boundary": "strict interior on unrounded v/s (paper eq. 3, 5)"}

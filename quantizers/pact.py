@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import QuantizerError, Quantizer, check_step, lsq_init_step
-from .primitives import dorefa_quantize, pact_quantize
+from .base import Quantizer, QuantizerError, check_choice, check_step, lsq_init_step
+from .integer import IntegerSpec, exact_float
+from .kernels import dorefa_quantize, pact_quantize
 from .registry import register
 
 WEIGHT_SCHEMES = ("dorefa", "symmetric")
@@ -42,16 +42,14 @@ class PACT(Quantizer):
         min_alpha: float = 1e-8,
     ) -> None:
         super().__init__(bits, signed, role)
-        weight_scheme = weight_scheme or ("dorefa" if self.role == "weight" else "symmetric")
-        if weight_scheme not in WEIGHT_SCHEMES:
-            raise QuantizerError(f"pact weight_scheme must be one of {', '.join(WEIGHT_SCHEMES)}, got {weight_scheme!r}")
-        if output_scale not in OUTPUT_SCALES:
-            raise QuantizerError(f"pact output_scale must be one of {', '.join(OUTPUT_SCALES)}, got {output_scale!r}")
+        weight_scheme = check_choice("pact", "weight_scheme", weight_scheme or ("dorefa" if self.role == "weight" else
+                                                                                "symmetric"), WEIGHT_SCHEMES)
+        check_choice("pact", "output_scale", output_scale, OUTPUT_SCALES)
         if init_alpha is not None:
             check_step(init_alpha)
         self.init_alpha = init_alpha
         self.alpha_l2 = float(alpha_l2)
-        self.weight_scheme = weight_scheme
+        self.weight_scheme = weight_scheme  # applies to signed tensors; unsigned ones use the plain PACT clip
         self.output_scale = output_scale
         self.detach_max = bool(detach_max)
         self.min_alpha = float(min_alpha)
@@ -75,15 +73,13 @@ class PACT(Quantizer):
         else:
             self.set_step(lsq_init_step(v, self.qp))  # the LSQ operating point, so only the learning rule differs
 
-    def set_step(self, step: float) -> None:
-        step = check_step(step)
+    def apply_step(self, step: float) -> None:
         with torch.no_grad():
             if self.dorefa:
                 # levels are scale * (2i/n - 1): spacing 2*scale/n
                 self.scale.fill_(step * self.levels_span / 2 if self.output_scale == "max" else 1.0)
             else:
                 self.alpha.fill_(step * self.qp)
-        self.mark_initialized()
 
     def effective_alpha(self) -> Tensor:
         return self.alpha.abs().clamp_min(self.min_alpha)
@@ -101,11 +97,11 @@ class PACT(Quantizer):
 
     def levels(self) -> Tensor:
         if self.dorefa:
-            i = torch.arange(self.levels_span + 1, dtype=self.scale.dtype)
+            i = torch.arange(self.levels_span + 1, dtype=self.scale.dtype, device=self.scale.device)
             return (2 * i / self.levels_span - 1) * self.scale
         alpha = self.effective_alpha().detach()
         low = -self.qp if self.signed else 0
-        return torch.arange(low, self.qp + 1, dtype=alpha.dtype) * (alpha / self.qp)
+        return torch.arange(low, self.qp + 1, dtype=alpha.dtype, device=alpha.device) * (alpha / self.qp)
 
     def range_parameters(self) -> dict[str, nn.Parameter]:
         return {} if self.dorefa else {"alpha": self.alpha}
@@ -115,12 +111,14 @@ class PACT(Quantizer):
             return torch.zeros((), device=self.scale.device)
         return self.alpha_l2 * self.alpha**2
 
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "init_alpha": self.init_alpha if self.init_alpha is not None else "lsq-init",
-            "alpha_l2": self.alpha_l2,
-            "weight_scheme": self.weight_scheme if self.signed else "clip",
-            "output_scale": self.output_scale,
-            "detach_max": self.detach_max,
-        }
+    def integer_spec(self) -> IntegerSpec:
+        if self.dorefa:
+            if self.role == "activation":
+                raise QuantizerError(
+                    "quantizer 'pact' uses DoReFa on activations: its codes depend on each batch's max|tanh x|, so "
+                    "there is no fixed integer requantizer; use weight_scheme=symmetric for signed activations"
+                )
+            n = self.levels_span  # levels scale * (2i/n - 1) = (2i - n) * scale/n: odd codes in [-n, n]
+            return IntegerSpec(exact_float(self.scale) / n, -n, n, stride=2)
+        step = exact_float(self.effective_alpha().detach() / self.qp)  # the float32 step the fake quantizer divides by
+        return IntegerSpec(step, -self.qp if self.signed else 0, self.qp, width=step)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .base import Quantizer, QuantizerError
+from .base import Quantizer, QuantizerError, option_names
 
 ENTRY_POINT_GROUP = "quantbench.quantizers"
 PLUGIN_ENV_VAR = "QUANTBENCH_PLUGINS"
@@ -90,11 +90,10 @@ def create(name: str, *, bits: int, signed: bool, **options: Any) -> Quantizer:
 
 def options_of(name: str) -> dict[str, Any]:
     """The options ``name`` accepts with their defaults (for ``quantbench list`` and docs)."""
-    cls = get(name)
+    parameters = inspect.signature(get(name).__init__).parameters
     return {
-        key: (None if parameter.default is inspect.Parameter.empty else parameter.default)
-        for key, parameter in inspect.signature(cls.__init__).parameters.items()
-        if key not in ("self", "bits", "signed") and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)
+        key: (None if parameters[key].default is inspect.Parameter.empty else parameters[key].default)
+        for key in option_names(get(name))
     }
 
 
@@ -102,7 +101,7 @@ def _accepted_options(cls: type[Quantizer]) -> set[str] | None:
     parameters = inspect.signature(cls.__init__).parameters.values()
     if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
         return None  # the class forwards **kwargs; let it report unknown ones itself
-    return {parameter.name for parameter in parameters} - {"self", "bits", "signed"}
+    return set(option_names(cls))
 
 
 # ---- plugins --------------------------------------------------------------------------------------------------

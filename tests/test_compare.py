@@ -13,9 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from quantbench.compare import QUICK_PRESET, build_config, load_config_file, plan, run_compare
+from quantbench.comparison.compare import QUICK_PRESET, build_config, plan, run_compare
+from quantbench.config import load_config_file
 from quantbench.errors import QuantbenchError
-from quantbench.report import paired_differences, reference_label, sweep_markdown, table1_markdown, write_report
+from quantbench.comparison.report import paired_differences, reference_label, sweep_markdown, table1_markdown, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,9 @@ from PIL import Image
 from torchvision.datasets import cifar as tv_cifar
 from torchvision.datasets import utils as tv_utils
 
-from quantbench import datasets
-from quantbench.datasets import DatasetNotFoundError, create_dataset
+from quantbench import data as datasets
+from quantbench.data import fashion_mnist
+from quantbench.data import DatasetNotFoundError, create_dataset
 from quantbench.errors import QuantbenchError
 
 # ---- helpers that write the real formats --------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_fashion_mnist_reads_torchvision_layout_with_uncompressed_files(tmp_path
 
 def test_fashion_mnist_missing_everywhere_raises_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Point the Debian location somewhere empty so the test does not depend on what is installed here.
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
     with pytest.raises(DatasetNotFoundError) as caught:
         create_dataset("fashion-mnist", data_dir=tmp_path / "empty")
     assert_one_line(caught.value, "fashion-mnist", str(tmp_path / "empty"), "dataset-fashion-mnist", "--download")
@@ -189,7 +190,7 @@ def test_fashion_mnist_rejects_a_file_with_the_wrong_magic_number(tmp_path: Path
 
 
 @pytest.mark.skipif(
-    not datasets.DEBIAN_FASHION_MNIST_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed"
+    not fashion_mnist.DEBIAN_FASHION_MNIST_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed"
 )
 def test_fashion_mnist_loads_the_debian_package_files() -> None:
     bundle = create_dataset("fashion-mnist")

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import quantizers
-from quantbench.testing import check_quantizer
-from quantizers import native, primitives
+from quantizers.conformance import check_quantizer
+from quantizers.kernels import dispatch, native
 
 BUILTINS = ("lsq", "fixed", "pact", "qil")
 BITS = (2, 3, 4, 8)
@@ -46,7 +46,7 @@ def assert_close(fast: torch.Tensor, reference: torch.Tensor, what: str, rtol: f
 
 def compare_paths(quantizer, v, upstream, rtol: float) -> None:
     fast = forward_backward(quantizer, v, upstream)
-    with primitives.reference_mode():
+    with dispatch.kernels("reference"):
         reference = forward_backward(quantizer, v, upstream)
     assert torch.equal(fast[0], reference[0]), f"outputs differ at {int((fast[0] != reference[0]).flatten().nonzero()[0])}"
     # absolute floor for sums that cancel: rounding of the summed terms' magnitude (float32: DoReFa's max term
@@ -91,7 +91,7 @@ def test_fast_and_reference_paths_agree_in_float64(name: str, kernel_backend: st
     v, upstream = _inputs(count, scale, seed, torch.float64)
     with torch.no_grad():
         quantizer(v)  # data-driven init
-    with primitives.kernels(kernel_backend, min_numel=2):
+    with dispatch.kernels(kernel_backend, min_numel=2):
         compare_paths(quantizer, v, upstream, rtol=1e-6)
 
 
@@ -106,7 +106,7 @@ def test_fast_and_reference_paths_agree_in_float32(name: str, kernel_backend: st
     v, upstream = _inputs(count, scale, seed, torch.float32)
     with torch.no_grad():
         quantizer(v)
-    with primitives.kernels(kernel_backend, min_numel=2):
+    with dispatch.kernels(kernel_backend, min_numel=2):
         compare_paths(quantizer, v, upstream, rtol=1e-5)
 
 
@@ -125,7 +125,7 @@ def test_native_kernels_match_reference_on_activation_sized_tensors(name: str) -
         v[1, 0, : levels.numel()] = levels  # exactly on the grid and the clip points
         v[1, 1, :2] = torch.tensor([1e30, -1e30])  # far outside (inf: the reference path's step gradient is NaN)
         upstream = torch.randn(v.shape, generator=generator)
-        with primitives.kernels("native"):
+        with dispatch.kernels("native"):
             compare_paths(quantizer, v, upstream, rtol=1e-5)
             first, again = forward_backward(quantizer, v, upstream), forward_backward(quantizer, v, upstream)
         for key in first[2]:
@@ -153,7 +153,7 @@ def test_native_qil_weights_match_reference_for_any_gamma(numel: int, monkeypatc
                 quantizer.gamma.fill_(gamma)
             upstream = torch.randn(numel, generator=generator)
             before = len(calls)
-            with primitives.kernels("native"):
+            with dispatch.kernels("native"):
                 compare_paths(quantizer, v, upstream, rtol=1e-5)
             assert len(calls) == before + 1, "the fast path did not run the native gamma kernel"
 
@@ -165,13 +165,13 @@ def test_without_a_c_compiler_native_falls_back_with_one_warning(monkeypatch, tm
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     quantizer = quantizers.create("lsq", bits=4, signed=False)
     v, upstream = torch.rand(4096), torch.randn(4096)
-    with primitives.kernels("native"):
+    with dispatch.kernels("native"):
         with pytest.warns(RuntimeWarning, match="could not build its native CPU kernels.*no C compiler"):
             first = forward_backward(quantizer, v, upstream)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             forward_backward(quantizer, v, upstream)
-    with primitives.kernels("eager"):
+    with dispatch.kernels("eager"):
         eager = forward_backward(quantizer, v, upstream)
     assert torch.equal(first[0], eager[0]) and torch.equal(first[1], eager[1])
 
@@ -202,13 +202,13 @@ def test_options_that_change_the_fused_op_agree_with_reference(name: str) -> Non
             if name == "qil" and "learn_gamma" not in options:
                 with torch.no_grad():
                     quantizer.gamma.fill_(1.7)  # an exponent away from 1
-            with primitives.kernels("compiled", min_numel=2):
+            with dispatch.kernels("compiled", min_numel=2):
                 compare_paths(quantizer, v, upstream, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kernel_backend", ["native", "compiled"])
 def test_conformance_kit_passes_with_fast_kernels_on_every_size(kernel_backend: str) -> None:
-    with primitives.kernels(kernel_backend, min_numel=2):
+    with dispatch.kernels(kernel_backend, min_numel=2):
         for name in BUILTINS:
             check_quantizer(name, bits=(2, 8), examples=5, checks=("grid", "extremes", "gradients", "shape-dtype"))
 
@@ -230,7 +230,7 @@ def saved_storages(fn, x: torch.Tensor) -> tuple[list[int], int]:
 @pytest.mark.parametrize("name", BUILTINS)
 def test_fast_path_saves_nothing_input_sized_but_the_input(name: str, kernel_backend: str) -> None:
     x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))
-    with primitives.kernels(kernel_backend, min_numel=1 << 12):
+    with dispatch.kernels(kernel_backend, min_numel=1 << 12):
         for signed, role in ROLE_CONFIGS:
             quantizer = build(name, 4, signed, role, torch.float32)
             with torch.no_grad():
@@ -244,7 +244,7 @@ def test_one_compiled_kernel_serves_every_layer_shape() -> None:
 
     quantizer = quantizers.create("lsq", bits=4, signed=False)
     shapes = [(8, 16, 32, 32), (8, 32, 16, 16), (70001,), (3, 40000), (8, 64, 8, 16)]
-    with primitives.kernels("compiled", min_numel=1 << 12):
+    with dispatch.kernels("compiled", min_numel=1 << 12):
         forward_backward(quantizer, torch.rand(shapes[0]), torch.randn(shapes[0]))
         before = counters["stats"]["unique_graphs"]
         for shape in shapes[1:]:
@@ -255,7 +255,7 @@ def test_one_compiled_kernel_serves_every_layer_shape() -> None:
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_whole_model_compile_has_no_graph_breaks(name: str) -> None:
-    from quantbench.quantize import QuantConfig, quantize_
+    from quantbench.qat import QuantConfig, quantize_
 
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
@@ -273,7 +273,7 @@ def test_whole_model_compile_has_no_graph_breaks(name: str) -> None:
 def test_whole_model_compile_gives_the_eager_gradients(name: str) -> None:
     """Under torch.compile of a whole model the fused ops run their traced bodies (masks built arithmetically so
     that no boolean tensor is saved for backward); through AOTAutograd they give the eager outputs and gradients."""
-    from quantbench.quantize import QuantConfig, quantize_
+    from quantbench.qat import QuantConfig, quantize_
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -333,28 +333,28 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_eager_with_one_warning(mon
     monkeypatch.setattr(torch, "compile", broken_compile)
     quantizer = quantizers.create("lsq", bits=4, signed=False)
     v, upstream = torch.rand(4096), torch.randn(4096)
-    with primitives.kernels("compiled", min_numel=2):
+    with dispatch.kernels("compiled", min_numel=2):
         with pytest.warns(RuntimeWarning, match="could not compile"):
             first = forward_backward(quantizer, v, upstream)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             again = forward_backward(quantizer, v, upstream)
-    with primitives.kernels("eager"):
+    with dispatch.kernels("eager"):
         eager = forward_backward(quantizer, v, upstream)
     assert torch.equal(first[0], eager[0]) and torch.equal(again[1], eager[1])
-    assert primitives._compile_failure is not None
+    assert dispatch._compile_failure is not None
 
 
 def test_kernel_settings_are_validated_and_restored() -> None:
-    before = primitives.kernel_settings()
+    before = dispatch.kernel_settings()
     with pytest.raises(ValueError, match="native, compiled, eager, reference"):
-        primitives.set_kernels("fast")
-    with primitives.kernels("reference", min_numel=0) as inside:
+        dispatch.set_kernels("fast")
+    with dispatch.kernels("reference", min_numel=0) as inside:
         assert inside.backend == "reference" and inside.min_numel == 2
         quantizer = quantizers.create("lsq", bits=2, signed=False)
         big, _ = saved_storages(quantizer, torch.rand(1 << 12))
         assert len(big) >= 2  # the composed path
-    assert primitives.kernel_settings() == before
+    assert dispatch.kernel_settings() == before
 
 
 def test_low_precision_inputs_use_the_eager_bodies_and_match_reference() -> None:
@@ -363,8 +363,8 @@ def test_low_precision_inputs_use_the_eager_bodies_and_match_reference() -> None
         quantizer = build(name, 4, False, "activation", torch.float32)
         with torch.no_grad():
             quantizer(v)
-        with primitives.kernels("compiled", min_numel=2):
+        with dispatch.kernels("compiled", min_numel=2):
             fast = forward_backward(quantizer, v, upstream)
-        with primitives.reference_mode():
+        with dispatch.kernels("reference"):
             reference = forward_backward(quantizer, v, upstream)
         assert fast[0].dtype == torch.bfloat16 and torch.equal(fast[0], reference[0]), name

@@ -15,7 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 import quantizers
-from quantbench import cli, figure2
+from quantbench import cli
+from quantbench.analyses import figure2
 
 REPO = Path(__file__).resolve().parents[1]
 POINTS = 401  # v = 0, 0.01, ..., 4: exact ties and clip edges are on the grid and must be skipped by the tests

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-from quantbench import cli, gradscale
-from quantbench.datasets import create_dataset
+from quantbench import cli
+from quantbench.analyses import figure4, gradscale
+from quantbench.data import create_dataset
 from quantbench.errors import QuantbenchError
 from quantbench.models import create_model
-from quantbench.quantize import QuantConfig, quantize_
+from quantbench.qat import QuantConfig, quantize_
 
 BATCH = 32
 TINY = ["--dataset", "digits", "--model", "small_cnn", "--bits", "2,4", "--iters", "4", "--batch-size", str(BATCH),
@@ -77,9 +78,9 @@ def test_tiny_cli_run_writes_csv_json_and_figure(tiny_cli_run):
     assert set(meta["medians"]) == set(SCALE_NAMES)
     assert set(meta["claims"]) == {"weight", "activation"}
     assert {"claim1", "claim2", "claim3"} <= set(meta["claims"]["weight"])
-    reread = gradscale.read_figure4(out)
+    reread = figure4.read_figure4(out)
     assert reread.attrs["runs"] == meta["runs"]
-    assert gradscale.medians(reread)["R"].tolist() == pytest.approx(gradscale.medians(df)["R"].tolist())
+    assert figure4.medians(reread)["R"].tolist() == pytest.approx(figure4.medians(df)["R"].tolist())
     for suffix in (".png", ".svg"):
         assert (out / f"figure4{suffix}").stat().st_size > 1000
     assert "1/sqrt(N*Qp)" in output  # the medians table is printed

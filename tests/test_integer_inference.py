@@ -13,20 +13,13 @@ from typer.testing import CliRunner
 import quantizers
 from quantbench import cli
 from quantbench.errors import QuantbenchError
-from quantbench.integer import (
-    IntegerLayer,
-    build_export,
-    evaluate_paths,
-    export_run,
-    integer_model,
-    load_run,
-    pack_codes,
-    read_export,
-    unpack_codes,
-)
+from quantbench.export.integer import build_export, export_run, pack_codes, read_export, unpack_codes
+from quantbench.export.integer_model import IntegerLayer, evaluate_paths, integer_model
+from quantbench.training.rebuild import load_run
 from quantbench.models import create_model
-from quantbench.quantize import QuantConfig, quantize_, quantized_layers
-from quantbench.train import TrainConfig, train
+from quantbench.qat import QuantConfig, quantize_, quantized_layers
+from quantbench.config import TrainConfig
+from quantbench.training.run import train
 
 QUANTIZED = [("lsq", 2), ("lsq", 4), ("fixed", 2), ("qil", 2), ("pact", 2)]
 

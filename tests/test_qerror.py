@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 import quantizers
 from quantbench import cli
 from quantbench.errors import QuantbenchError
-from quantbench.qerror import RATIOS, analyze, check_grid, code_range, error_curves, write_report
-from quantbench.train import TrainConfig, train
+from quantbench.analyses.qerror import RATIOS, analyze, check_grid, code_range, error_curves
+from quantbench.analyses.qerror_report import write_report
+from quantbench.config import TrainConfig
+from quantbench.training.run import train
 
 
 def brute_force(values: torch.Tensor, step: float, lo: int, hi: int) -> dict[str, float]:

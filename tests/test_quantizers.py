@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quantizers
-from quantbench.testing import check_quantizer
+from quantizers.conformance import check_quantizer
 from quantizers.fixed import mse_optimal_step
 
 BITS = (2, 3, 4, 8)

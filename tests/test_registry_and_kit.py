@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import quantizers
 from quantbench.cli import app
-from quantbench.testing import run_checks
+from quantizers.conformance import run_checks
 from quantizers import Quantizer, QuantizerError, round_ste, scale_grad
 
 REPO = Path(__file__).resolve().parents[1]

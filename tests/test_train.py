@@ -16,7 +16,7 @@ from torch import nn
 import quantizers
 from quantbench.errors import QuantbenchError
 from quantbench.models import create_model
-from quantbench.quantize import (
+from quantbench.qat import (
     QuantConfig,
     QuantizedLayer,
     layer_table,
@@ -24,7 +24,9 @@ from quantbench.quantize import (
     quantize_,
     quantizer_parameters,
 )
-from quantbench.train import TrainConfig, make_optimizer, paper_lr, paper_weight_decay, train
+from quantbench.config import TrainConfig, paper_lr, paper_weight_decay
+from quantbench.training.loop import make_optimizer
+from quantbench.training.run import train
 
 
 def conv_and_linear(model: nn.Module) -> list[str]:
@@ -78,7 +80,7 @@ def test_layer_table_and_model_size() -> None:
 def test_quantizer_parameters_get_their_own_group_without_weight_decay() -> None:
     model = create_model("small_cnn", num_classes=10, in_channels=1)
     quantize_(model, QuantConfig("qil", bits=2), torch.randn(2, 1, 8, 8))
-    optimizer = make_optimizer(model, TrainConfig(quantizer="qil", bits=2).resolved())
+    optimizer = make_optimizer(model, TrainConfig(quantizer="qil", bits=2))
     groups = {group["name"]: group for group in optimizer.param_groups}
     assert groups["quantizers"]["weight_decay"] == 0.0 and groups["weights"]["weight_decay"] == 0.25e-4
     assert len(groups["quantizers"]["params"]) == len(quantizer_parameters(model)) > 0

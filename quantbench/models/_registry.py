@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
-from quantbench.registry import Registry
+from quantbench.utils.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 

@@ -2,7 +2,7 @@
  * lsq / fixed, pact and qil (unsigned, no gamma), DoReFa weights, and, on AVX-512, QIL's signed / gamma weights.
  * Loaded by quantizers/native.py through ctypes.
  *
- * Each kernel does exactly the float32 operations of its Python body in quantizers/primitives.py, in the same order
+ * Each kernel does exactly the float32 operations of its Python body in quantizers/kernels/, in the same order
  * (built with -ffp-contract=off, so no fused multiply-add changes a rounding), so outputs equal the reference path
  * bit for bit. rintf rounds half to even, as torch.round. Parameter gradients are summed in double, per thread in a
  * fixed order, so they are reproducible for a given thread count.

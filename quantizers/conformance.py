@@ -1,6 +1,6 @@
 """The conformance kit: checks any registered quantizer, built-in or yours, the same way.
 
-    from quantbench.testing import check_quantizer
+    from quantizers.conformance import check_quantizer
     check_quantizer("lsq")                      # raises AssertionError with a table of what failed
 
 or ``quantbench check NAME --plugin my_quantizer.py``. Each check runs for bits 2/3/4/8 and three roles (signed
@@ -13,7 +13,7 @@ weights, unsigned activations, signed activations), on Hypothesis-generated tens
 * ``init``: the first forward initializes (buffer ``initialized`` set) and later forwards do not re-initialize;
 * ``extremes``: no NaN/inf in outputs or gradients for zeros, +-1e30 and tiny steps;
 * ``gradients``: autograd gradients w.r.t. the input and every learnable parameter equal central finite differences
-  of the quantizer's straight-through surrogate (see ``quantizers.primitives``), in float64, on tensors placed by
+  of the quantizer's straight-through surrogate (see ``quantizers.ste``), in float64, on tensors placed by
   ``set_step(s)`` and kept at least 0.05 steps away from rounding ties and from the clip edges.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import io
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,69 +31,12 @@ from hypothesis import strategies as st
 import quantizers
 from quantizers import Quantizer, record_surrogate, replay_surrogate
 
+from .conformance_report import CHECKS, CheckResult, Report
+
 DEFAULT_BITS = (2, 3, 4, 8)
 #: (signed, role) pairs a model uses: signed weights, unsigned post-ReLU activations, the signed image input
 ROLE_CONFIGS = ((True, "weight"), (False, "activation"), (True, "activation"))
-CHECKS = ("grid", "idempotent", "shape-dtype", "state-dict", "init", "extremes", "gradients")
 TIE_MARGIN = 0.05  # generated v/step stay this far (in steps) from rounding ties and integers (clip edges)
-
-
-@dataclass
-class CheckResult:
-    check: str
-    bits: int
-    signed: bool
-    role: str
-    status: str  # "pass", "fail" or "n/a"
-    detail: str = ""
-    examples: int = 0
-
-    @property
-    def config(self) -> str:
-        return f"{self.bits}-bit {'signed' if self.signed else 'unsigned'} {self.role}"
-
-
-@dataclass
-class Report:
-    name: str
-    results: list[CheckResult] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(result.status != "fail" for result in self.results)
-
-    def failures(self) -> list[CheckResult]:
-        return [result for result in self.results if result.status == "fail"]
-
-    def summary_rows(self) -> list[tuple[str, str, str]]:
-        """(check, status, detail) per check over all configurations, in CHECKS order."""
-        rows = []
-        for check in CHECKS:
-            results = [result for result in self.results if result.check == check]
-            if not results:
-                continue
-            failed = [result for result in results if result.status == "fail"]
-            not_applicable = [result for result in results if result.status == "n/a"]
-            examples = sum(result.examples for result in results)
-            if failed:
-                status, detail = "FAIL", f"{failed[0].config}: {failed[0].detail}"
-            elif len(not_applicable) == len(results):
-                status, detail = "n/a", not_applicable[0].detail
-            else:
-                status = "pass"
-                detail = f"{len(results) - len(not_applicable)} configurations"
-                if examples:
-                    detail += f", {examples} examples"
-                if not_applicable:
-                    detail += f"; n/a for {len(not_applicable)} ({not_applicable[0].detail})"
-            rows.append((check, status, detail))
-        return rows
-
-    def table(self) -> str:
-        width = max(len(check) for check in CHECKS)
-        lines = [f"conformance of quantizer '{self.name}'"]
-        lines += [f"  {check:<{width}}  {status:<4}  {detail}" for check, status, detail in self.summary_rows()]
-        return "\n".join(lines)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ Conventions (written into the figure's caption and the CSV):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,7 +35,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from quantbench.plotting import save_reproducible
+from quantbench.utils.plotting import save_reproducible
+from quantbench.utils.io import write_csv, write_json
 import quantizers
 from quantizers import Quantizer, QuantizerError
 
@@ -383,7 +383,6 @@ def write_figure2(data: pd.DataFrame, path_stem: str | Path, with_input_grad: bo
     path_stem = Path(path_stem)
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path = path_stem.parent / (path_stem.name + ".csv")
-    data.to_csv(csv_path, index=False, float_format="%.12g")
-    json_path = path_stem.parent / (path_stem.name + ".json")
-    json_path.write_text(json.dumps(sidecar(data), indent=2, default=str) + "\n")
+    write_csv(csv_path, data, float_format="%.12g")
+    json_path = write_json(path_stem.parent / (path_stem.name + ".json"), sidecar(data))
     return [csv_path, json_path, *draw_figure2(data, path_stem, with_input_grad)]

@@ -8,7 +8,7 @@ compiler and the CPU, and loaded with ``ctypes``. OpenMP links to the ``libgomp.
 kernels share torch's threads. Without a compiler quantbench warns once and uses the compiled or eager kernels.
 
 Only contiguous float32 CPU tensors of plain ``Tensor`` type go native; everything else (CUDA, float64, tracing) takes
-the other paths in ``primitives.py``.
+the other paths of :mod:`.dispatch`.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import quantizers
+from quantbench.utils.modules import replace_submodule
 from quantizers import Quantizer
 
 
@@ -110,26 +111,52 @@ def _layers_in_order(model: nn.Module, sample_input: Tensor | None) -> tuple[lis
     return order, {name: negative.get(name, False) for name in order}
 
 
-def quantize_(model: nn.Module, config: QuantConfig, sample_input: Tensor | None = None) -> nn.Module:
-    """Swap, in place, every Conv2d/Linear of ``model`` for a quantized one; returns ``model``.
+@dataclass
+class LayerPlan:
+    """How one Conv2d/Linear is quantized: its bit width (None: left in full precision) and its input's sign."""
 
-    Quantizers initialize themselves on their first forward (weights from the initial weights, activations from
-    the first training batch), so call this before building the optimizer and before training.
-    """
-    quantizers.get(config.quantizer)  # unknown names fail before anything is changed
+    bits: int | None
+    input_signed: bool
+
+
+def plan_layers(model: nn.Module, config: QuantConfig, sample_input: Tensor | None = None) -> dict[str, LayerPlan]:
+    """The policy of the module docstring, applied to ``model`` (on ``sample_input`` when given)."""
     order, input_negative = _layers_in_order(model, sample_input)
     if not order:
         raise quantizers.QuantizerError("the model has no Conv2d or Linear layer to quantize")
     edge_layers = {order[0], order[-1]}
-    for name in order:
-        bits = config.first_last_bits if name in edge_layers else config.bits
+    return {name: LayerPlan(config.first_last_bits if name in edge_layers else config.bits, input_negative[name])
+            for name in order}
+
+
+def plan_from_layer_table(rows: list[dict[str, Any]]) -> dict[str, LayerPlan]:
+    """The plan a run recorded in its ``layers.csv`` (``layer_table`` rows): bits 32 means full precision."""
+    return {
+        str(row["layer"]): LayerPlan(None if int(row["weight_bits"]) >= 32 else int(row["weight_bits"]),
+                                     str(row.get("activation_signed")).lower() == "true")
+        for row in rows
+    }
+
+
+def quantize_(model: nn.Module, config: QuantConfig, sample_input: Tensor | None = None,
+              plan: dict[str, LayerPlan] | None = None) -> nn.Module:
+    """Swap, in place, every Conv2d/Linear of ``model`` for a quantized one; returns ``model``.
+
+    ``plan`` (e.g. a run's recorded layer table) says per layer how; without it the module's policy decides, on
+    ``sample_input``. Quantizers initialize themselves on their first non-empty forward (weights from the initial
+    weights, activations from the first training batch), so call this before building the optimizer and training.
+    """
+    quantizers.get(config.quantizer)  # unknown names fail before anything is changed
+    plan = plan if plan is not None else plan_layers(model, config, sample_input)
+    for name, layer_plan in plan.items():
+        bits = layer_plan.bits
         layer = model.get_submodule(name)
         if bits is None:
             continue  # first/last layer kept in full precision
         weight_q = quantizers.create(
             config.quantizer, bits=bits, signed=True, **{**config.options, **config.weight_options}
         )
-        signed_input = input_negative[name]
+        signed_input = layer_plan.input_signed
         input_q = quantizers.create(
             config.quantizer,
             bits=bits,
@@ -137,14 +164,8 @@ def quantize_(model: nn.Module, config: QuantConfig, sample_input: Tensor | None
             **({"role": "activation"} if signed_input else {}),
             **{**config.options, **config.activation_options},
         )
-        _replace(model, name, _swap(layer, weight_q, input_q))
+        replace_submodule(model, name, _swap(layer, weight_q, input_q))
     return model
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:

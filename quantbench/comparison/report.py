@@ -21,7 +21,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from quantbench.errors import QuantbenchError  # noqa: E402
-from quantbench.train import paper_lr, paper_weight_decay  # noqa: E402
+from quantbench.utils.io import write_csv, write_text  # noqa: E402
+from quantbench.config import paper_lr, paper_weight_decay  # noqa: E402
 
 PAPER_MODELS = ("preact_resnet18", "preact_resnet34", "preact_resnet50", "vgg16_bn")
 
@@ -281,7 +282,7 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
     config = saved["config"]
     figures = draw_figures(results, out)
     differences = paired_differences(results)
-    differences.to_csv(out / "paired_differences.csv", index=False)
+    write_csv(out / "paired_differences.csv", differences)
     recipe = config["recipe"]
     total_time = results["wall_time_s"].sum()
     lines = [
@@ -317,8 +318,4 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
         "```",
         "",
     ]
-    report = out / "report.md"
-    temporary = report.with_suffix(".md.tmp")
-    temporary.write_text("\n".join(lines))
-    temporary.replace(report)
-    return report
+    return write_text(out / "report.md", "\n".join(lines))

@@ -19,8 +19,7 @@ import re
 import shlex
 import sys
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import quantizers
+from quantbench.config import TRAIN_FIELDS, TrainConfig, check_bits, fp_or_bits, merge
 from quantbench.errors import QuantbenchError
-from quantbench.train import TrainConfig, train, write_json
+from quantbench.training.run import train
+from quantbench.utils.io import write_csv, write_json
 
 #: train-level options that may be given as lists (one run per value)
 TRAIN_SWEEPS = ("lr", "weight_decay", "schedule")
@@ -80,26 +81,11 @@ class PlannedRun:
 # ---- configuration ----------------------------------------------------------------------------------------------
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise QuantbenchError(f"--config {path}: no such file (see experiments/ for examples)")
-    try:
-        return tomllib.loads(file.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise QuantbenchError(f"--config {path}: not valid TOML: {error}") from None
-
-
 def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any] | None = None) -> CompareConfig:
     """Merge the quick preset, a config file and command-line flags (``None`` flags are not given)."""
-    merged: dict[str, Any] = dict(QUICK_PRESET)
-    sweep: dict[str, list[Any]] = {}
-    for source in (file_values or {}, {k: v for k, v in (flags or {}).items() if v is not None}):
-        source = dict(source)
-        for key, values in (source.pop("set", None) or {}).items():
-            sweep[key] = values if isinstance(values, list) else [values]
-        merged.update(source)
-    train_fields = {f.name for f in fields(TrainConfig)}
+    merged = merge(QUICK_PRESET, file_values, flags)
+    sweep: dict[str, list[Any]] = dict(merged.pop("set", {}))
+    train_fields = TRAIN_FIELDS
     grid_keys = {"quantizers", "bits", "seeds", "fp_epochs", "qil_progressive", "out", "fp_lr", "epochs_by_bits",
                  "fp_from"}
     unknown = sorted(set(merged) - train_fields - grid_keys)
@@ -114,8 +100,8 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
             sweep[key] = value
         elif value is not None:
             merged[key] = value
-    if merged.get("first_last_bits") == "fp":
-        merged["first_last_bits"] = None
+    if "first_last_bits" in merged:
+        merged["first_last_bits"] = fp_or_bits(merged["first_last_bits"])
     recipe_values = {k: v for k, v in merged.items() if k in train_fields and k not in ("quantizer", "bits")}
     config = CompareConfig(
         recipe=TrainConfig(**recipe_values),
@@ -144,8 +130,7 @@ def validate(config: CompareConfig) -> None:
     for name in config.quantizers:
         quantizers.get(name)  # unknown names fail with the list of available ones
     for bits in config.bits:
-        if not quantizers.MIN_BITS <= bits <= quantizers.MAX_BITS:
-            raise QuantbenchError(f"--bits {bits} is out of range: choose 2..16")
+        check_bits(bits)
     if not config.seeds or not config.quantizers or not config.bits:
         raise QuantbenchError("--quantizers, --bits and --seeds each need at least one value")
     for key in config.sweep:
@@ -211,7 +196,7 @@ def plan(config: CompareConfig) -> list[PlannedRun]:
                     "quantizer_options": {**config.recipe.quantizer_options, **options},
                     "epochs": config.epochs_by_bits.get(bits, config.recipe.epochs),
                 })
-                run_config.resolved()  # fail on bad options now, not halfway through the grid
+                quantizers.create(quantizer, bits=bits, signed=True, **run_config.quantizer_options)  # bad options fail now
                 row = {"quantizer": quantizer, "bits": bits, "seed": seed, "variant": label, **variant}
                 if bits in config.bits:
                     runs.append(PlannedRun(name, directory, run_config, row))
@@ -255,11 +240,7 @@ def collect_results(config: CompareConfig, runs: list[PlannedRun] | None = None)
                      ("top1", "top5", "test_loss", "model_size_bits", "wall_time_s", "epochs")},
                      "num_classes": metrics.get("num_classes") or _classifier_width(run.directory)})
     frame = pd.DataFrame(rows)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = out / "results.csv.tmp"
-    frame.to_csv(temporary, index=False)
-    temporary.replace(out / "results.csv")
+    write_csv(Path(config.out) / "results.csv", frame)
     return frame
 
 

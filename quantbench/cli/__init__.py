@@ -1,0 +1,9 @@
+"""The ``quantbench`` command line: ``app`` (typer) and ``main`` (the console script). Commands live in one module
+per kind: :mod:`.basics` (list, check, fig2), :mod:`.training` (train, compare, report, gradscale) and :mod:`.runs`
+(qerror, export, evaluate)."""
+
+from quantbench.cli.app import app, main
+from quantbench.cli import basics, runs, training  # noqa: E402,F401  (importing registers the commands)
+
+__all__ = ["app", "main"]
+

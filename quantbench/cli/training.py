@@ -1,0 +1,188 @@
+"""``quantbench train``, ``compare``, ``report`` and ``gradscale``: commands that train."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+
+import quantizers
+from quantbench.cli.app import PluginOption, app, console, csv_list, parse_csv_ints
+from quantbench.config import fp_or_bits, parse_set, single_options
+
+
+@app.command("compare")
+def compare_command(
+    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML file (see experiments/).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: digits, the quick preset).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model (default: small_cnn).")] = None,
+    quantizer_names: Annotated[Optional[str], typer.Option("--quantizers", help="Comma separated.")] = None,
+    bits: Annotated[Optional[str], typer.Option(help="Comma separated, e.g. 2,3,4,8.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma separated, e.g. 0,1.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Quantized fine-tuning epochs.")] = None,
+    fp_epochs: Annotated[Optional[int], typer.Option(help="Full-precision baseline epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
+    lr: Annotated[Optional[str], typer.Option(help="LR, or a comma-separated sweep (default: the paper's by bits).")] = None,
+    weight_decay: Annotated[Optional[str], typer.Option(help="Weight decay, or a sweep (default: the paper's).")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="cosine, step, or both: cosine,step.")] = None,
+    first_last_bits: Annotated[Optional[str], typer.Option(help="Bits of first/last layers, or 'fp'.")] = None,
+    set_option: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Quantizer option sweep NAME.KEY=V1[,V2...] (repeatable).")
+    ] = None,
+    qil_progressive: Annotated[
+        Optional[bool], typer.Option("--qil-progressive/--no-qil-progressive", help="QIL fine-tuned fp->5->4->3->2 bits.")
+    ] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="Where the dataset lives.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
+    compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the models.")] = None,
+    max_train_batches: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Comparison directory (default: runs/compare).")] = None,
+    fp_from: Annotated[
+        Optional[str], typer.Option(help="Reuse the full-precision baselines of another comparison directory.")
+    ] = None,
+    plugin: PluginOption = None,
+) -> None:
+    """Train every quantizer under one recipe over bits and seeds (resumable), then write the report."""
+    from rich.markdown import Markdown
+
+    from quantbench.comparison.compare import build_config, run_compare
+    from quantbench.config import load_config_file
+    from quantbench.comparison.report import table1_markdown, write_report
+
+    quantizers.load_plugins(plugin or [])
+    numbers = {"lr": csv_list(lr, float), "weight_decay": csv_list(weight_decay, float), "schedule": csv_list(schedule)}
+    flags: dict[str, Any] = {
+        "dataset": dataset, "model": model, "quantizers": csv_list(quantizer_names), "bits": csv_list(bits, int),
+        "seeds": csv_list(seeds, int), "epochs": epochs, "fp_epochs": fp_epochs, "batch_size": batch_size,
+        "qil_progressive": qil_progressive, "data_dir": data_dir, "threads": threads, "compile": compile_model,
+        "max_train_batches": max_train_batches, "out": out, "set": parse_set(set_option) or None,
+        "fp_from": fp_from,
+    }
+    for key, values in numbers.items():
+        flags[key] = None if values is None else values if len(values) > 1 else values[0]
+    flags["first_last_bits"] = first_last_bits  # "fp" (full precision) is resolved by build_config
+    file_values = load_config_file(config_file) if config_file else None
+    config = build_config(file_values, flags)
+    try:
+        results = run_compare(config, console=console)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished runs are kept; re-run the same command to continue ({config.out})")
+        raise typer.Exit(130) from None
+    report = write_report(config.out)
+    console.print(Markdown(table1_markdown(results)))
+    console.print(f"report: {escape(str(report))}")
+
+
+@app.command("report")
+def report_command(
+    directory: Annotated[str, typer.Argument(help="A quantbench compare directory.")],
+    out: Annotated[Optional[str], typer.Option(help="Write the report here (default: DIR), e.g. reports/NAME.")] = None,
+    plugin: PluginOption = None,
+) -> None:
+    """(Re)write report.md and its figures from DIR/results.csv."""
+    from quantbench.comparison.report import write_report
+
+    quantizers.load_plugins(plugin or [])
+    console.print(f"report: {escape(str(write_report(directory, out)))}")
+
+
+@app.command("train")
+def train_command(
+    dataset: Annotated[str, typer.Option(help="Dataset name (quantbench list).")] = "digits",
+    model: Annotated[str, typer.Option(help="Model name (quantbench list).")] = "small_cnn",
+    quantizer: Annotated[Optional[str], typer.Option(help="Quantizer name; omit for full precision.")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="Bit width of weights and activations.")] = None,
+    first_last_bits: Annotated[
+        str, typer.Option(help="Bits of the first and last layers, or 'fp' to keep them full precision.")
+    ] = "8",
+    init_from: Annotated[
+        Optional[str], typer.Option(help="Full-precision run directory (or state_dict file) to fine-tune from.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    lr: Annotated[Optional[float], typer.Option(help="Initial LR (default: the paper's, by bits).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default: the paper's, by bits).")] = None,
+    schedule: Annotated[str, typer.Option(help="cosine (paper) or step.")] = "cosine",
+    distill: Annotated[bool, typer.Option(help="Knowledge distillation from the --init-from teacher (T=1, equal weights).")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed (model init, data order, augmentation).")] = 0,
+    data_dir: Annotated[Optional[str], typer.Option(help="Where the dataset lives.")] = None,
+    download: Annotated[bool, typer.Option(help="Download the dataset when it is not found (needs network).")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    max_train_batches: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the whole model.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's).")] = None,
+    set_option: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Quantizer option KEY=VALUE for all its quantizers (repeatable).")
+    ] = None,
+    out: Annotated[str, typer.Option(help="Run directory.")] = "runs/train",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last checkpoint.")] = False,
+    plugin: PluginOption = None,
+) -> None:
+    """Train one model: full precision, or a quantized fine-tune from a full-precision checkpoint."""
+    from quantbench.config import TrainConfig
+    from quantbench.training.run import train
+
+    quantizers.load_plugins(plugin or [])
+    config = TrainConfig(
+        dataset=dataset, model=model, out=out, quantizer=quantizer, bits=bits,
+        first_last_bits=fp_or_bits(first_last_bits),
+        quantizer_options=single_options(parse_set(set_option, quantizer), quantizer, "train"), init_from=init_from, epochs=epochs, batch_size=batch_size,
+        lr=lr, weight_decay=weight_decay, schedule=schedule, distill=distill, seed=seed, data_dir=data_dir,
+        download=download, device=device, max_train_batches=max_train_batches, compile=compile_model, threads=threads,
+    )
+    metrics = train(config, resume=resume)
+    console.print(
+        f"top1 {metrics['top1']:.2f}%  top5 {metrics['top5']:.2f}%  "
+        f"{metrics['wall_time_s']:.1f} s  {metrics['model_size_bits'] / 8 / 1024:.1f} KiB  -> {escape(out)}"
+    )
+
+
+@app.command("gradscale")
+def gradscale_command(
+    dataset: Annotated[str, typer.Option(help="Dataset name (quantbench list).")] = "digits",
+    model: Annotated[str, typer.Option(help="Model name (quantbench list).")] = "small_cnn",
+    bits: Annotated[str, typer.Option(help="Precisions to measure, comma separated.")] = "2,3,4,8",
+    iters: Annotated[int, typer.Option(help="Iterations averaged, centred on the middle of the first epoch.")] = 500,
+    init_from: Annotated[
+        Optional[str], typer.Option(help="Full-precision run directory (or state_dict file) to fine-tune from.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size (sets the iterations per epoch).")] = 128,
+    first_last_bits: Annotated[
+        str, typer.Option(help="Bits of the first and last layers, or 'fp' to keep them full precision.")
+    ] = "8",
+    quantizer: Annotated[str, typer.Option(help="LSQ or a registered subclass of it.")] = "lsq",
+    epochs: Annotated[
+        Optional[int], typer.Option(help="Planned fine-tune length for the cosine LR (default: paper's, 90; 1 at 8 bits).")
+    ] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Initial LR (default: the paper's, by bits).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default: the paper's, by bits).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (model init, data order, augmentation).")] = 0,
+    data_dir: Annotated[Optional[str], typer.Option(help="Where the dataset lives.")] = None,
+    download: Annotated[bool, typer.Option(help="Download the dataset when it is not found (needs network).")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's).")] = None,
+    set_option: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Quantizer option KEY=VALUE, e.g. activation_n=sample (repeatable).")
+    ] = None,
+    out: Annotated[str, typer.Option(help="Output directory for figure4.{csv,json,png,svg}.")] = "runs/gradscale",
+    plugin: PluginOption = None,
+) -> None:
+    """LSQ Figure 4: the step-size / weight update ratio R per layer under g = 1, 1/sqrt(N), 1/sqrt(N*Qp)."""
+    from quantbench.analyses import figure4, gradscale
+
+    quantizers.load_plugins(plugin or [])
+    config = gradscale.GradScaleConfig(
+        dataset=dataset, model=model, bits=parse_csv_ints(bits, "--bits"), iters=iters, init_from=init_from,
+        batch_size=batch_size, quantizer=quantizer,
+        quantizer_options=single_options(parse_set(set_option, quantizer), quantizer, "gradscale"),
+        first_last_bits=fp_or_bits(first_last_bits),
+        epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed, data_dir=data_dir, download=download,
+        device=device, threads=threads,
+    ).resolved()
+    df = gradscale.measure_gradscale(config, progress=True)
+    for path in figure4.write_figure4(df, out, command=gradscale.command_line(config) + f" --out {out}"):
+        console.print(f"wrote {escape(str(path))}")
+    console.print(figure4.medians_markdown(df), markup=False)
+
+

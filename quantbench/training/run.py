@@ -1,0 +1,311 @@
+"""One training run: full-precision training, or quantized fine-tuning from a full-precision checkpoint.
+
+``train(TrainConfig(...))`` writes one directory per run:
+
+    config.json       the resolved config: every default filled in, quantizer conventions included
+    layers.csv        the layer table (layer, bits, quantizer, activation sign, N for the gradient scale, steps)
+    epochs.csv        per-epoch metrics
+    metrics.json      final top1, top5 (percent), wall_time_s, model_size_bits, num_classes (written last, atomically)
+    environment.json  package versions, git commit, machine
+    checkpoint.pt     model, optimizer, schedule and RNG state after the latest epoch (for --resume)
+    model.pt          the final weights (a state_dict; what --init-from reads)
+
+The recipe's defaults are in :class:`quantbench.config.TrainConfig`, the loop in :mod:`quantbench.training.loop`; this
+module owns the run directory: one process per directory (a lock), resume from the last checkpoint, atomic files, and a
+finished run reused only for the settings that made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import random
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from quantbench.config import TrainConfig
+from quantbench.data import create_dataset
+from quantbench.errors import QuantbenchError
+from quantbench.models import create_model
+from quantbench.qat import QuantConfig, layer_table, model_size_bits, plan_from_layer_table, quantize_
+from quantbench.training.loop import Trainer, epoch_loader, evaluate, make_optimizer, seed_everything, train_one_epoch
+from quantbench.utils.io import save_torch, write_csv, write_json
+
+def environment() -> dict[str, Any]:
+    import torchvision
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "quantbench": __import__("quantbench").__version__,
+        "git_commit": commit or "unknown",
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def load_state_dict_file(source: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a run directory (its model.pt) or a file."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise QuantbenchError(f"--init-from {source}: no such checkpoint (give a run directory with model.pt, or a .pt file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise QuantbenchError(f"--init-from {source}: {path} is not a PyTorch checkpoint ({type(error).__name__}); "
+                              "give a run directory with model.pt or a state_dict saved with torch.save") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise QuantbenchError(f"--init-from {source}: {path} holds no state_dict (a dict of tensors); give a run "
+                              "directory with model.pt or a state_dict saved with torch.save")
+    return state
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sample_batch(data: Any, batch_size: int) -> torch.Tensor:
+    """The first test batch: decides each layer's activation sign in ``quantize_`` (test data: no augmentation)."""
+    return next(iter(DataLoader(data.test, batch_size=batch_size)))[0]
+
+
+def build_model(config: TrainConfig, data: Any, sample_input: torch.Tensor | None,
+                layer_table: list[dict[str, Any]] | None = None) -> tuple[nn.Module, nn.Module | None]:
+    """The (possibly quantized) student and, when distilling, the full-precision teacher.
+
+    Layers are quantized as ``layer_table`` (a run's recorded ``layers.csv``) says when it is given, otherwise by
+    the policy of :func:`quantbench.qat.quantize_` on ``sample_input``."""
+    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                         pretrained=config.pretrained)
+    teacher = None
+    state = load_state_dict_file(config.init_from) if config.init_from else None
+    # A quantized checkpoint (progressive fine-tuning: QIL 5 -> 4 -> 3 -> 2 bits) carries its quantizers' learned
+    # state, so it is loaded after quantization; a full-precision one before.
+    quantized_state = state is not None and any("_quantizer." in key for key in state)
+    if state is not None and not quantized_state:
+        _load(model, state, config)
+    if config.distill:
+        if quantized_state:
+            raise QuantbenchError("--distill needs a full-precision --init-from (the teacher)")
+        teacher = create_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels)
+        teacher.load_state_dict(state)
+        teacher.eval().requires_grad_(False)
+    if config.quantizer is not None:
+        quant = QuantConfig(config.quantizer, config.bits, config.first_last_bits, config.quantizer_options,
+                            config.weight_options, config.activation_options)
+        quantize_(model, quant, sample_input, plan=plan_from_layer_table(layer_table) if layer_table else None)
+    if quantized_state:
+        _load(model, state, config)
+    return model, teacher
+
+
+def _load(model: nn.Module, state: dict[str, torch.Tensor], config: TrainConfig) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise QuantbenchError(
+            f"--init-from {config.init_from} does not fit {config.model}: {str(error).splitlines()[0]} "
+            "(it must be a checkpoint of the same model, dataset and quantizer family)"
+        ) from None
+
+
+def new_progress(enabled: bool = True) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled)
+
+
+def _recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """The config minus what only changes speed (threads, workers): a run may resume with other values of these."""
+    return {key: value for key, value in config.items() if key not in ("threads", "workers")}
+
+
+def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None,
+          progress: bool | Progress = True) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the final metrics (also in ``out/metrics.json``).
+
+    ``progress`` is a flag or a live ``rich`` Progress to add this run's bars to (``compare`` shows one display).
+    ``stop_after_epoch`` ends the call early after that epoch's checkpoint, as an interruption would (for tests).
+    """
+    config = config.with_paper_defaults()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out / "checkpoint.pt"
+    if (out / "metrics.json").exists() and not resume:
+        raise QuantbenchError(f"{out} already holds a finished run; pass --resume to reuse it or choose another --out")
+    if resume and (out / "metrics.json").exists():
+        _check_same_recipe(out, config)
+        return json.loads((out / "metrics.json").read_text())
+    with _run_lock(out):
+        return _train(config, out, checkpoint_path, resume, stop_after_epoch, progress)
+
+
+def _check_same_recipe(out: Path, config: TrainConfig) -> None:
+    """A finished run is reused only for the config that made it: never a silent result for other settings."""
+    saved = json.loads((out / "config.json").read_text())["train"] if (out / "config.json").exists() else None
+    if saved is not None and _recipe(saved) != _recipe(asdict(config)):
+        changed = sorted(k for k in _recipe(asdict(config)) if saved.get(k) != asdict(config)[k])
+        raise QuantbenchError(
+            f"{out} holds a finished run with different settings ({', '.join(changed)}); use another --out"
+        )
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """One process per run directory: a second one (e.g. two compare processes over one grid) fails clearly."""
+    lock = out / ".lock"
+    try:
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        owner = lock.read_text().strip() or "?"
+        if owner.isdigit() and not _alive(int(owner)):
+            lock.unlink(missing_ok=True)  # left by a killed process
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        else:
+            raise QuantbenchError(f"{out} is being trained by process {owner}; wait for it or use another --out") from None
+    os.write(descriptor, str(os.getpid()).encode())
+    os.close(descriptor)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint to resume from; a corrupt or foreign file fails with one line and is never deleted here."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(checkpoint, dict) or not {"model", "optimizer", "epoch", "config"} <= set(checkpoint):
+            raise ValueError("not a quantbench training checkpoint")
+    except Exception as error:  # noqa: BLE001 - truncated file, wrong format: the same advice
+        raise QuantbenchError(
+            f"--resume: {path} is corrupt or not a quantbench checkpoint ({type(error).__name__}); delete it to "
+            "restart this run from scratch, or rerun without --resume into another --out"
+        ) from None
+    return checkpoint
+
+
+def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, stop_after_epoch: int | None,
+           progress: bool | Progress) -> dict[str, Any]:
+    seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    data = create_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
+    test_loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=config.workers)
+    model, teacher = build_model(config, data, sample_batch(data, config.batch_size))
+    model.to(device)
+    steps_per_epoch = len(DataLoader(data.train, batch_size=config.batch_size, drop_last=True))
+    if config.max_train_batches:
+        steps_per_epoch = min(steps_per_epoch, config.max_train_batches)
+    # With --compile the loop compiles the model after its first (eager) step; checkpoints and metrics use the plain
+    # model, which shares parameters with the compiled one.
+    trainer = Trainer(model, make_optimizer(model, config), config, device, steps_per_epoch,
+                      teacher=teacher.to(device) if teacher is not None else None)
+
+    history: list[dict[str, Any]] = []
+    start_epoch, elapsed = 0, 0.0
+    if resume and checkpoint_path.exists():
+        checkpoint = _read_checkpoint(checkpoint_path)
+        if _recipe(checkpoint["config"]) != _recipe(asdict(config)):
+            raise QuantbenchError(f"{out} holds a run with a different config; resume with the same options or use another --out")
+        model.load_state_dict(checkpoint["model"])
+        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"])
+        random.setstate(checkpoint["python_rng"])
+        history, start_epoch, elapsed = checkpoint["history"], checkpoint["epoch"] + 1, checkpoint["elapsed"]
+    else:
+        write_json(out / "config.json", {"train": asdict(config), "dataset_source": data.source})
+        write_json(out / "environment.json", environment())
+
+    shared = isinstance(progress, Progress)
+    bar = progress if shared else new_progress(bool(progress))
+
+    def first_step_layer_table(step: int, *_: Any) -> None:
+        if step == 0 and config.quantizer is not None:  # steps initialized and N known, before the first update
+            print_layer_table(write_layer_table(model, out), bar.console, bool(progress) and not shared)
+
+    with contextlib.nullcontext() if shared else bar:
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, status="")
+            status = lambda loss, top1: bar.update(task, advance=1, status=f"loss {loss:.3f} acc {top1:.1f}%")  # noqa: E731
+            train_metrics = train_one_epoch(trainer, epoch_loader(data, config, epoch), epoch,
+                                            on_step=first_step_layer_table, progress=status)
+            metrics = evaluate(trainer.forward or model, test_loader, device)
+            elapsed += time.perf_counter() - started
+            history.append({"epoch": epoch + 1, **train_metrics, **metrics,
+                            "lr_end": trainer.optimizer.param_groups[0]["lr"], "elapsed_s": elapsed})
+            bar.update(task, status=f"test top1 {metrics['top1']:.2f}%")
+            if shared:
+                bar.remove_task(task)
+            save_torch({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                        "rng": torch.get_rng_state(), "python_rng": random.getstate(), "epoch": epoch,
+                        "history": history, "elapsed": elapsed, "config": asdict(config)}, checkpoint_path)
+            write_csv(out / "epochs.csv", history)
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
+                return {"interrupted_after_epoch": epoch + 1}
+
+    if config.quantizer is None:
+        write_layer_table(model, out)
+    save_torch(model.state_dict(), out / "model.pt")
+    final = {**{key: history[-1][key] for key in ("top1", "top5", "test_loss")},
+             "wall_time_s": elapsed, "model_size_bits": model_size_bits(model),
+             "parameters": sum(p.numel() for p in model.parameters()), "epochs": config.epochs,
+             "num_classes": data.num_classes}
+    write_json(out / "metrics.json", final)  # last: its presence marks the run finished
+    return final
+
+
+def print_layer_table(rows: list[dict[str, Any]], console: Any, enabled: bool = True) -> None:
+    from rich.table import Table
+
+    if not enabled:
+        return
+    table = Table(title="layers", title_justify="left")
+    columns = ["layer", "weight_bits", "activation_bits", "activation_signed", "quantizer", "weight_n", "activation_n",
+               "weight_step", "activation_step"]
+    for column in columns:
+        table.add_column(column.replace("_", " "))
+    for row in rows:
+        table.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns])
+    console.print(table)
+
+
+def write_layer_table(model: nn.Module, out: Path) -> list[dict[str, Any]]:
+    rows = layer_table(model)
+    write_csv(out / "layers.csv", rows)
+    return rows

@@ -1,0 +1,32 @@
+"""The fused quantizer ops (one ``autograd.Function`` each, one elementwise pass forward and one backward, saving only
+the input and the scalar parameters) and the switch that chooses how they run (:mod:`.dispatch`).
+
+* ``lsq_quantize(v, step, qn, qp, g)``: LSQ (equations 1-3 and 5; also the fixed-step baselines);
+* ``pact_quantize(v, alpha, qp, signed)``: PACT's clip quantizer (alpha not differentiated inside the step);
+* ``dorefa_quantize(w, scale, n, detach_max)``: DoReFa weights (tanh, max, 2 q_k(.) - 1);
+* ``qil_quantize(v, prune, clip, distance, gamma, q, signed, out_scale)``: QIL's transformer and discretizer.
+
+Each also has a **reference form**, the same maths composed from the straight-through primitives of
+:mod:`quantizers.ste` (their surrogate, and the straightforward autograd implementation), which runs under a
+surrogate tape or with ``kernels("reference")``. Fast and reference forms give identical outputs; gradients agree to
+rounding (``tests/quantizers/kernels``).
+"""
+
+from .dispatch import BACKENDS, KernelSettings, kernel_settings, kernels, reference_active, set_kernels
+from .dorefa import dorefa_quantize
+from .lsq import lsq_quantize
+from .pact import pact_quantize
+from .qil import qil_quantize
+
+__all__ = [
+    "BACKENDS",
+    "KernelSettings",
+    "kernel_settings",
+    "kernels",
+    "set_kernels",
+    "reference_active",
+    "lsq_quantize",
+    "pact_quantize",
+    "dorefa_quantize",
+    "qil_quantize",
+]
