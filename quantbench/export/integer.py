@@ -67,6 +67,14 @@ FORMAT = "quantbench-integer-v1"
 DEFAULT_EXPORT = Path("export") / "model.int.pt"
 
 
+def integer_spec_of(quantizer: quantizers.Quantizer) -> IntegerSpec:
+    """The quantizer's own ``integer_spec()``; why it cannot run on integers as a :class:`QuantbenchError`."""
+    try:
+        return IntegerSpec.coerce(quantizer.integer_spec())
+    except quantizers.QuantizerError as error:
+        raise QuantbenchError(str(error)) from None
+
+
 def requantize(x: Tensor, spec: IntegerSpec | dict[str, Any]) -> Tensor:
     """Activation codes of float ``x`` (a float tensor holding integers), computed as the fake quantizer does."""
     get = spec.get if isinstance(spec, dict) else lambda key: getattr(spec, key)
@@ -169,7 +177,7 @@ def build_export(model: nn.Module, description: dict[str, Any], check_batch: Ten
 
 def _export_weight(name: str, layer: QuantizedLayer, pack: bool) -> dict[str, Any]:
     quantizer = layer.weight_quantizer
-    spec = IntegerSpec.coerce(quantizer.integer_spec())
+    spec = integer_spec_of(quantizer)
     with torch.no_grad():
         fake = quantizer(layer.weight.detach()).double()
     codes = torch.round(fake / spec.step)
@@ -200,7 +208,7 @@ def _export_weight(name: str, layer: QuantizedLayer, pack: bool) -> dict[str, An
 
 
 def _export_input(name: str, quantizer: quantizers.Quantizer, sample: Tensor | None) -> dict[str, Any]:
-    spec = IntegerSpec.coerce(quantizer.integer_spec())
+    spec = integer_spec_of(quantizer)
     if spec.width is None:
         raise QuantbenchError(
             f"layer {name}: quantizer '{quantizer.registry_name}' gives no activation requantizer; it cannot run on integers"
