@@ -175,19 +175,25 @@ def _check_same_recipe(out: Path, config: TrainConfig) -> None:
 
 @contextlib.contextmanager
 def _run_lock(out: Path):
-    """One process per run directory: a second one (e.g. two compare processes over one grid) fails clearly."""
+    """One process per run directory: a second one (e.g. two compare processes over one grid) fails clearly.
+
+    The lock file appears with its owner's pid already in it (written beside it, then hard-linked into place), so a
+    process killed at any moment never leaves an anonymous lock; a lock whose owner is dead is taken over."""
     lock = out / ".lock"
+    claim = out / f".lock.{os.getpid()}"
+    claim.write_text(str(os.getpid()))
     try:
-        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        owner = lock.read_text().strip() or "?"
-        if owner.isdigit() and not _alive(int(owner)):
-            lock.unlink(missing_ok=True)  # left by a killed process
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        else:
-            raise QuantbenchError(f"{out} is being trained by process {owner}; wait for it or use another --out") from None
-    os.write(descriptor, str(os.getpid()).encode())
-    os.close(descriptor)
+        try:
+            os.link(claim, lock)
+        except FileExistsError:
+            owner = lock.read_text().strip() or "?"
+            if owner.isdigit() and not _alive(int(owner)):
+                lock.unlink(missing_ok=True)  # left by a killed process
+                os.link(claim, lock)
+            else:
+                raise QuantbenchError(f"{out} is being trained by process {owner}; wait for it or use another --out") from None
+    finally:
+        claim.unlink(missing_ok=True)
     try:
         yield
     finally:
