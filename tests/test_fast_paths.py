@@ -327,9 +327,10 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_eager_with_one_warning(mon
 
         return run
 
-    monkeypatch.setattr(primitives, "_compiled", {})
-    monkeypatch.setattr(primitives, "_compiled_ok", set())
-    monkeypatch.setattr(primitives, "_compile_failure", None)
+    monkeypatch.setattr(dispatch, "_compiled", {})
+    monkeypatch.setattr(dispatch, "_eager_only", set())
+    monkeypatch.setattr(dispatch, "_compiled_ok", set())
+    monkeypatch.setattr(dispatch, "_compile_failure", None)
     monkeypatch.setattr(torch, "compile", broken_compile)
     quantizer = quantizers.create("lsq", bits=4, signed=False)
     v, upstream = torch.rand(4096), torch.randn(4096)
