@@ -1,7 +1,6 @@
 """LSQ Figure 4 from a ``gradscale`` measurement: medians and spread of R, the paper's three claims, the figure and its
 JSON sidecar (the measurement itself is :mod:`quantbench.analyses.gradscale`)."""
 
-
 from __future__ import annotations
 
 import json
@@ -13,21 +12,6 @@ import pandas as pd
 
 from quantbench.utils.plotting import save_reproducible
 from quantbench.utils.io import write_csv, write_json
-
-#: The three scales of the paper's Figure 4, left to right: (CSV name, lsq_grad_scale mode, axis title).
-SCALES: tuple[tuple[str, str, str], ...] = (
-    ("1", "none", "g = 1"),
-    ("1/sqrt(N)", "numel", "g = 1/sqrt(N)"),
-    ("1/sqrt(N*Qp)", "full", "g = 1/sqrt(N·Q_P)"),
-)
-KINDS = ("weight", "activation")
-CSV_COLUMNS = [
-    "layer", "kind", "bits", "scale", "R", "position", "layer_bits", "n", "qp", "g", "log10_R_std", "iterations",
-    "step_mean",
-]
-#: The paper's training length by bits (section 2.3), which sets the cosine schedule's horizon.
-PAPER_EPOCHS_8BIT, PAPER_EPOCHS_LOW = 1, 90
-
 
 from quantbench.analyses.gradscale import KINDS, SCALES, GradScaleConfig, command_line
 

@@ -231,7 +231,6 @@ def measure_one(config: GradScaleConfig, bits: int, data: Any, progress: Any = N
 
     started = time.perf_counter()
     train_one_epoch(trainer, loader, epoch=0, on_step=measure, max_steps=end)  # only up to the end of the window
-    index = end - 1
     wall = time.perf_counter() - started
     if not probes:
         raise QuantbenchError("the measurement window was never reached (the training split is too small)")
@@ -255,7 +254,7 @@ def measure_one(config: GradScaleConfig, bits: int, data: Any, progress: Any = N
             })
     meta = {
         "bits": bits, "iterations_per_epoch": iterations_per_epoch, "window": [start, end],
-        "iterations_run": min(end, index + 1), "schedule_epochs": train_config.epochs, "lr": train_config.lr,
+        "iterations_run": end, "schedule_epochs": train_config.epochs, "lr": train_config.lr,
         "weight_decay": train_config.weight_decay, "lr_in_window": [lr_at(train_config, start, total_steps),
                                                                     lr_at(train_config, end - 1, total_steps)],
         "train_loss_window_mean": sum(losses) / len(losses), "wall_time_s": wall,

@@ -1,27 +1,13 @@
 """The report of ``quantbench qerror`` (LSQ section 3.6): tables, the figure and ``report.md`` (the analysis itself is
 :mod:`quantbench.analyses.qerror`)."""
 
-
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
-import torch
 
 from quantbench.utils.io import write_csv, write_text
-
-METRICS = ("mae", "mse", "kl")
-#: a sample whose non-zero values are mostly repeats of at most this many distinct values per quantizer level is
-#: discrete (image pixels): no KL
-DISCRETE_FACTOR = 4
-METRIC_NAMES = {"mae": "mean absolute error", "mse": "mean squared error", "kl": "KL divergence (cross-entropy term)"}
-#: the paper's candidate set: {0.01, 0.02, ..., 20.00} x the learned step
-RATIOS = torch.arange(1, 2001, dtype=torch.float64) / 100
-#: the paper's averages (2-bit ResNet-18 on ImageNet), percent absolute difference
-PAPER = {("activation", "mae"): 50, ("activation", "mse"): 63, ("activation", "kl"): 64,
-         ("weight", "mae"): 47, ("weight", "mse"): 28, ("weight", "kl"): 46}
-
 
 from quantbench.analyses.qerror import METRICS, METRIC_NAMES, PAPER, QErrorResult
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from quantbench.config import TrainConfig
+from quantbench.config import TrainConfig, paper_lr
 from quantbench.qat import quantizer_parameters, regularization
 from quantbench.utils.modules import topk_correct
 
@@ -59,7 +59,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
     """Cosine decay without restarts (per iteration), or x0.1 at 1/3 and 2/3 of training."""
-    lr = config.with_paper_defaults().lr
+    lr = paper_lr(config.bits) if config.lr is None else config.lr  # no config rebuild (and re-validation) per step
     progress = step / max(1, total_steps)
     if config.schedule == "cosine":
         return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
