@@ -26,14 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import json
 import math
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,80 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import quantizers
-from quantizers.kernels import dispatch, native
-
-FULL_SIZES = (1 << 16, 1 << 20, 1 << 22, 1 << 24)
-QUICK_SIZES = (1 << 10, 1 << 12)
-ACTIVATION_SHAPE = (128, 16, 32, 32)  # ResNet-20's first-stage activations at batch 128 (2^21 elements)
-QUICK_ACTIVATION_SHAPE = (2, 4, 8, 8)
-BITS = (2, 8)
-TRAIN_BITS = 4
-SAVED_NUMEL = 1 << 20
-NOISY_SPREAD = 0.10  # per-round step ratios spread wider than this (IQR over median) mark the run as disturbed
-
-
-# ---- machine --------------------------------------------------------------------------------------------------------
-
-
-def warm_allocator() -> str:
-    """Keep freed memory in the process (glibc): no mmap, no trimming, one arena. Returns what was done.
-
-    Without this, whether a step pays for page faults depends on where glibc's adaptive thresholds happen to sit
-    (measured here: 0 faults per full-precision ResNet-20 step, ~4,000-10,000 per quantized one, and 2^24-element
-    tensors mmapped and faulted in on every call), which measures the allocator, not the quantizer. With this
-    setting no contender page-faults in steady state. Every contender runs in this one process under it.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-        ok = (libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-              and libc.mallopt(m_arena_max, 1) == 1)
-        return ("glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2GiB, M_ARENA_MAX=1)" if ok
-                else "mallopt refused: default allocator")
-    except OSError:
-        return "not glibc: default allocator"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def kernels_description(settings: dispatch.KernelSettings) -> str:
-    compiled = f"compiled for >= {settings.min_numel} elements"
-    if settings.backend != "native":
-        return f"{settings.backend} ({compiled})"
-    built = "built" if native.library() is not None else f"unavailable: {native.failure()}"
-    qil = "native (torch's SLEEF pow/log)" if native.vector_math() else "compiled (no AVX-512 vector math)"
-    return f"native: native C for float32 CPU tensors ({built}; QIL signed/gamma weights {qil}), else {compiled}"
-
-
-def machine_info(allocator: str) -> dict[str, Any]:
-    settings = dispatch.kernel_settings()
-    return {
-        "cpu": cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "allocator": allocator,
-        "kernels": kernels_description(settings),
-        "command": "python -m benchmarks.quantizers " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]),
-        "load_average_start": load_average(),
-    }
+from benchmarks.machine import interleaved, load_average, machine_info, warm_allocator
+from benchmarks.report import write_report
+from benchmarks.settings import (ACTIVATION_SHAPE, BITS, FULL_SIZES, QUICK_ACTIVATION_SHAPE, QUICK_SIZES, SAVED_NUMEL,
+                                 TRAIN_BITS)
+from quantizers.kernels import dispatch
 
 
 # ---- contenders ---------------------------------------------------------------------------------------------------
@@ -198,17 +123,6 @@ def time_forward_backward(contender: Contender, x: Tensor, upstream: Tensor) -> 
     return time.perf_counter() - start
 
 
-def interleaved(runners: dict[str, Callable[[], float]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Run every runner once per round, rotating the order each round; returns the timed rounds."""
-    names = list(runners)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(warmup + rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            elapsed = runners[name]()
-            if index >= warmup:
-                samples[name].append(elapsed)
-    return samples
 
 
 def bench_ops(sizes: list[tuple[str, tuple[int, ...]]], names: list[str], rounds: int, warmup: int, log) -> pd.DataFrame:
@@ -379,137 +293,6 @@ def bench_train(names: list[str], batch: int, image: int, rounds: int, warmup: i
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         row["spread"] = (quartiles[2] - quartiles[0]) / statistics.median(ratios)
     return pd.DataFrame(rows)
-
-
-# ---- report -------------------------------------------------------------------------------------------------------
-
-
-def markdown_table(frame: pd.DataFrame, floats: str = "{:.2f}") -> str:
-    columns = list(frame.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for _, row in frame.iterrows():
-        cells = []
-        for column in columns:
-            value = row[column]
-            if isinstance(value, float):
-                cells.append("n/a" if math.isnan(value) else floats.format(value))
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def acceptance(ops: pd.DataFrame, saved: pd.DataFrame, train: pd.DataFrame | None) -> list[tuple[str, str, bool | None]]:
-    """The issue's targets, checked on this run: (target, measured, met)."""
-    checks: list[tuple[str, str, bool | None]] = []
-
-    def op(numel: int, bits: int, contender: str) -> float | None:
-        rows = ops[(ops.numel == numel) & (ops.bits == bits) & (ops.contender == contender) & (ops["size"] != "activation")]
-        return float(rows.median_ms.iloc[0]) if len(rows) else None
-
-    for numel, label, limit in ((1 << 24, "2^24", 1.3), (1 << 22, "2^22", 1.5)):
-        for bits in BITS:
-            lsq, relu, ao = op(numel, bits, "lsq"), op(numel, bits, "relu"), op(numel, bits, "torch.ao fused")
-            if None in (lsq, relu, ao):
-                continue
-            checks.append((f"lsq fwd+bwd <= {limit}x relu at {label}, {bits}-bit", f"{lsq / relu:.2f}x", lsq / relu <= limit))
-            checks.append((f"lsq >= 5x faster than torch.ao at {label}, {bits}-bit", f"{ao / lsq:.1f}x", ao / lsq >= 5))
-    lsq_saved = saved[(saved.contender == "lsq") & (saved.role == "activation (unsigned)")]
-    if len(lsq_saved):
-        count = int(lsq_saved.input_sized_saved.iloc[0])
-        checks.append(("lsq saves at most one input-sized tensor", f"{count} (the input)" if bool(lsq_saved.input_saved.iloc[0]) else str(count), count <= 1))
-    if train is not None and len(train):
-        def ratio(quantizer: str, mode: str) -> float | None:
-            rows = train[(train.quantizer == quantizer) & (train["mode"] == mode)]
-            return float(rows.vs_fp_same_mode.iloc[0]) if len(rows) else None
-
-        value = ratio("lsq", "eager")
-        if value is not None:
-            checks.append(("ResNet-20 step, lsq eager <= 1.2x fp eager", f"{value:.3f}x", value <= 1.2))
-        value = ratio("lsq", "compiled")
-        if value is not None:
-            checks.append(("ResNet-20 step, lsq compiled <= 1.05x fp compiled", f"{value:.3f}x", value <= 1.05))
-        for quantizer in ("fixed", "pact", "qil"):
-            for mode in ("eager", "compiled"):
-                value = ratio(quantizer, mode)
-                if value is not None:
-                    checks.append((f"ResNet-20 step, {quantizer} {mode} <= 1.3x fp {mode}", f"{value:.3f}x", value <= 1.3))
-    return checks
-
-
-def write_report(out: Path, machine: dict[str, Any], ops: pd.DataFrame, saved: pd.DataFrame,
-                 train: pd.DataFrame | None, quick: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    ops.to_csv(out / "ops.csv", index=False)
-    saved.to_csv(out / "saved.csv", index=False)
-    if train is not None:
-        train.to_csv(out / "train.csv", index=False)
-    (out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
-
-    lines = ["# Quantizer benchmark" + (" (--quick smoke run: sizes and rounds too small to mean anything)" if quick else ""), ""]
-    lines += [f"- command: `{machine['command']}`"]
-    lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in machine.items() if key != "command"]
-    lines += ["", "Ratios are of medians over interleaved rounds in one process; see the CSV files for quartiles.", ""]
-
-    if train is not None and len(train):
-        spread = float(train.spread.max())
-        verdict = "quiet" if spread <= NOISY_SPREAD else "**noisy: something else used the CPU; rerun on an idle machine**"
-        lines += [f"Training-step noise: the widest interquartile range of per-round ratios to full precision, over "
-                  f"their median, is {spread:.1%} ({verdict}; the threshold is {NOISY_SPREAD:.0%}).", ""]
-    checks = acceptance(ops, saved, train)
-    if checks:
-        lines += ["## Targets (issue 7), on this run", "", "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {target} | {measured} | {'yes' if met else 'no'} |" for target, measured, met in checks]
-        lines.append("")
-
-    if len(ops):
-        lines += ops_markdown(ops)
-    if len(saved):
-        lines += saved_markdown(saved)
-    if train is not None:
-        lines += train_markdown(train)
-    lines += [f"Load average at the end: {load_average()}", ""]
-    (out / "results.md").write_text("\n".join(lines))
-
-
-def ops_markdown(ops: pd.DataFrame) -> list[str]:
-    lines = ["## Forward+backward, ratios", ""]
-    lines += ["`vs relu` / `vs clone`: the contender's median over relu's / clone's forward+backward median on the same "
-              "tensor; `lsq speedup`: how many times slower than lsq's fast path the contender is.", ""]
-    for (label, numel), group in ops.groupby(["size", "numel"], sort=False):
-        lines += [f"### {label} ({numel} elements)", ""]
-        table = group.pivot_table(index="contender", columns="bits", values=["median_ms", "vs_relu", "vs_clone", "lsq_speedup"],
-                                  sort=False)
-        flat = pd.DataFrame({"contender": table.index})
-        for bits in BITS:
-            if ("median_ms", bits) not in table.columns:
-                continue
-            flat[f"{bits}-bit ms"] = table[("median_ms", bits)].values
-            flat[f"{bits}-bit vs relu"] = table[("vs_relu", bits)].values
-            flat[f"{bits}-bit vs clone"] = table[("vs_clone", bits)].values
-            flat[f"{bits}-bit lsq speedup"] = table[("lsq_speedup", bits)].values
-        lines += [markdown_table(flat), ""]
-    return lines
-
-
-def saved_markdown(saved: pd.DataFrame) -> list[str]:
-    input_bytes = int(saved.input_bytes.iloc[0])
-    lines = ["## Bytes saved for backward", "", f"One tensor of {input_bytes // 4} float32 elements "
-             f"({input_bytes} bytes), 4 bits. `input sized` counts distinct saved storages at least as big as the "
-              "input, the input included.", ""]
-    lines += [markdown_table(saved[["role", "contender", "saved_tensors", "distinct_storages", "bytes_saved",
-                                    "input_saved", "bytes_beyond_input", "input_sized_saved"]]), ""]
-    return lines
-
-
-def train_markdown(train: pd.DataFrame) -> list[str]:
-    batch = int(train.batch.iloc[0])
-    lines = ["## Pre-activation ResNet-20 training step", "",
-             f"Batch {batch}, forward + cross-entropy + backward + SGD step; every conv/linear weight and input "
-             f"quantized at {TRAIN_BITS} bits (first and last layer 8). `vs fp` is against full precision in the same "
-             "mode (eager or compiled).", ""]
-    lines += [markdown_table(train[["quantizer", "mode", "median_ms", "spread", "vs_fp_same_mode", "vs_fp_eager", "compile_s"]]), ""]
-    return lines
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------

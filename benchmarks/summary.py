@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.quantizers import ACTIVATION_SHAPE, BITS, NOISY_SPREAD, acceptance
+from benchmarks.report import acceptance
+from benchmarks.settings import ACTIVATION_SHAPE, BITS, NOISY_SPREAD
 
 BEGIN, END = "<!-- summary:begin -->", "<!-- summary:end -->"
 OP_CONTENDERS = ("lsq", "lsq (compiled kernel)", "fixed", "pact", "qil", "clone", "lsq (reference path)",

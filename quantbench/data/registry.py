@@ -51,22 +51,9 @@ DatasetBuilder = Callable[..., DatasetBundle]
 _REGISTRY: Registry[DatasetBuilder] = Registry("dataset", canonical=lambda name: name.strip().lower().replace("_", "-"))
 
 
-def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
-    """Function decorator: make ``builder(data_dir=, download=, train_augment=)`` available as ``create_dataset(name)``.
-
-    The first line of the builder's docstring is the one-line description shown by :func:`dataset_info`.
-    """
-    return _REGISTRY.register(name)
-
-
-def available_datasets() -> list[str]:
-    """Names of every registered dataset, sorted."""
-    return _REGISTRY.names()
-
-
-def dataset_info(name: str) -> str:
-    """One-line description of dataset ``name`` (for ``quantbench list`` and run reports)."""
-    return _REGISTRY.info(name)
+register_dataset = _REGISTRY.register
+available_datasets = _REGISTRY.names
+dataset_info = _REGISTRY.info
 
 
 def create_dataset(

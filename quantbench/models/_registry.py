@@ -6,7 +6,6 @@ circular import; ``__init__`` imports the families, which registers them.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,22 +26,9 @@ class PretrainedWeightsError(QuantbenchError):
 _REGISTRY: Registry[ModelBuilder] = Registry("model", canonical=lambda name: name.strip().lower().replace("-", "_"))
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Function decorator: make ``builder(num_classes=, in_channels=, pretrained=, **kwargs)`` a named model.
-
-    The first line of the builder's docstring is the one-line description shown by :func:`model_info`.
-    """
-    return _REGISTRY.register(name)
-
-
-def available_models() -> list[str]:
-    """Names of every registered model, sorted."""
-    return _REGISTRY.names()
-
-
-def model_info(name: str) -> str:
-    """One-line description of model ``name`` (for ``quantbench list`` and run reports)."""
-    return _REGISTRY.info(name)
+register_model = _REGISTRY.register
+available_models = _REGISTRY.names
+model_info = _REGISTRY.info
 
 
 def create_model(
@@ -63,22 +49,8 @@ def create_model(
         raise QuantbenchError(f"num_classes must be a positive integer, got {num_classes!r}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise QuantbenchError(f"in_channels must be a positive integer, got {in_channels!r}")
-    options = _builder_options(builder)
-    unknown = sorted(set(kwargs) - options) if options is not None else []
-    if unknown:
-        raise QuantbenchError(
-            f"model '{name}' has no option {', '.join(map(repr, unknown))}; its options are: "
-            f"{', '.join(sorted(options)) or 'none'}"
-        )
+    _REGISTRY.check_keywords(name, kwargs, common={"num_classes", "in_channels", "pretrained"})
     return builder(num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, **kwargs)
-
-
-def _builder_options(builder: ModelBuilder) -> set[str] | None:
-    """Extra keyword options ``builder`` accepts; ``None`` when it forwards ``**kwargs`` (it then checks itself)."""
-    parameters = inspect.signature(builder).parameters.values()
-    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
-        return None
-    return {parameter.name for parameter in parameters} - {"num_classes", "in_channels", "pretrained"}
 
 
 def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:

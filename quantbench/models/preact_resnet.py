@@ -21,6 +21,7 @@ quantized ones by walking ``named_modules()``. Global average pooling lets every
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -41,59 +42,67 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
 
 
-class PreActBasicBlock(nn.Module):
+class _PreActBlock(nn.Module):
+    """What every pre-activation block shares: the BN-ReLU in front, the shortcut, and ``residual + shortcut``."""
+
+    expansion: int
+
+    def __init__(self, in_channels: int, preactivate: bool) -> None:
+        super().__init__()
+        # Skipped (identity) only right after an already activated stem.
+        self.bn1 = nn.BatchNorm2d(in_channels) if preactivate else nn.Identity()
+        self.relu1 = nn.ReLU() if preactivate else nn.Identity()
+
+    def _add_shortcut(self, in_channels: int, out_channels: int, stride: int) -> None:
+        # Registered after the block's convs, so modules (and their seeded initialization) keep their order.
+        needs_projection = stride != 1 or in_channels != out_channels
+        self.shortcut = conv1x1(in_channels, out_channels, stride) if needs_projection else None
+
+    def residual(self, activated: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        activated = self.relu1(self.bn1(x))
+        shortcut = self.shortcut(activated) if self.shortcut is not None else x
+        return self.residual(activated) + shortcut
+
+
+class PreActBasicBlock(_PreActBlock):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus shortcut (two 3x3 convs; CIFAR nets and ResNet-18/34)."""
 
     expansion = 1
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, preactivate: bool = True) -> None:
-        super().__init__()
-        out_channels = channels * self.expansion
-        # Skipped (identity) only right after an already activated stem.
-        self.bn1 = nn.BatchNorm2d(in_channels) if preactivate else nn.Identity()
-        self.relu1 = nn.ReLU() if preactivate else nn.Identity()
+        super().__init__(in_channels, preactivate)
         self.conv1 = conv3x3(in_channels, channels, stride)
         self.bn2 = nn.BatchNorm2d(channels)
         self.relu2 = nn.ReLU()
-        self.conv2 = conv3x3(channels, out_channels)
-        needs_projection = stride != 1 or in_channels != out_channels
-        self.shortcut = conv1x1(in_channels, out_channels, stride) if needs_projection else None
+        self.conv2 = conv3x3(channels, channels * self.expansion)
+        self._add_shortcut(in_channels, channels * self.expansion, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
-        activated = self.relu1(self.bn1(x))
-        shortcut = self.shortcut(activated) if self.shortcut is not None else x
-        out = self.conv1(activated)
-        out = self.conv2(self.relu2(self.bn2(out)))
-        return out + shortcut
+    def residual(self, activated: Tensor) -> Tensor:
+        return self.conv2(self.relu2(self.bn2(self.conv1(activated))))
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(_PreActBlock):
     """BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 plus shortcut (ResNet-50); stride sits on the 3x3 conv."""
 
     expansion = 4
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, preactivate: bool = True) -> None:
-        super().__init__()
-        out_channels = channels * self.expansion
-        self.bn1 = nn.BatchNorm2d(in_channels) if preactivate else nn.Identity()
-        self.relu1 = nn.ReLU() if preactivate else nn.Identity()
+        super().__init__(in_channels, preactivate)
         self.conv1 = conv1x1(in_channels, channels)
         self.bn2 = nn.BatchNorm2d(channels)
         self.relu2 = nn.ReLU()
         self.conv2 = conv3x3(channels, channels, stride)
         self.bn3 = nn.BatchNorm2d(channels)
         self.relu3 = nn.ReLU()
-        self.conv3 = conv1x1(channels, out_channels)
-        needs_projection = stride != 1 or in_channels != out_channels
-        self.shortcut = conv1x1(in_channels, out_channels, stride) if needs_projection else None
+        self.conv3 = conv1x1(channels, channels * self.expansion)
+        self._add_shortcut(in_channels, channels * self.expansion, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
-        activated = self.relu1(self.bn1(x))
-        shortcut = self.shortcut(activated) if self.shortcut is not None else x
-        out = self.conv1(activated)
-        out = self.conv2(self.relu2(self.bn2(out)))
-        out = self.conv3(self.relu3(self.bn3(out)))
-        return out + shortcut
+    def residual(self, activated: Tensor) -> Tensor:
+        out = self.conv2(self.relu2(self.bn2(self.conv1(activated))))
+        return self.conv3(self.relu3(self.bn3(out)))
 
 
 Block = type[PreActBasicBlock] | type[PreActBottleneck]
@@ -170,77 +179,35 @@ class PreActResNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(features)))
 
 
-def _cifar_preact_resnet(
-    depth: int, num_classes: int, in_channels: int, pretrained: bool | str | Path, name: str
-) -> PreActResNet:
-    if (depth - 2) % 6 != 0:
-        raise ValueError(f"CIFAR pre-activation ResNet depth must be 6n + 2, got {depth}")
-    blocks = (depth - 2) // 6
-    model = PreActResNet(PreActBasicBlock, [blocks] * 3, [16, 32, 64], num_classes, in_channels, stem="cifar")
-    return load_pretrained_for_own_family(model, pretrained, name)
+# name -> (block, blocks per stage, channels per stage, stem, one-line description): the LSQ paper's CIFAR and ImageNet
+# pre-activation ResNets (He et al. 2016b), each registered below as ``create_model(name)``.
+_FAMILY: dict[str, tuple[Block, list[int], list[int], str, str]] = {
+    "preact_resnet20": (PreActBasicBlock, [3, 3, 3], [16, 32, 64], "cifar",
+                        "Pre-activation ResNet-20, CIFAR layout (3x3 basic blocks per stage, 16/32/64 channels, ~0.27M params)."),
+    "preact_resnet32": (PreActBasicBlock, [5, 5, 5], [16, 32, 64], "cifar",
+                        "Pre-activation ResNet-32, CIFAR layout (5x3 basic blocks per stage, 16/32/64 channels, ~0.46M params)."),
+    "preact_resnet56": (PreActBasicBlock, [9, 9, 9], [16, 32, 64], "cifar",
+                        "Pre-activation ResNet-56, CIFAR layout (9x3 basic blocks per stage, 16/32/64 channels, ~0.85M params)."),
+    "preact_resnet18": (PreActBasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], "imagenet",
+                        "Pre-activation ResNet-18, ImageNet layout (basic blocks 2-2-2-2, 7x7 stem + max-pool), as in LSQ."),
+    "preact_resnet34": (PreActBasicBlock, [3, 4, 6, 3], [64, 128, 256, 512], "imagenet",
+                        "Pre-activation ResNet-34, ImageNet layout (basic blocks 3-4-6-3, 7x7 stem + max-pool), as in LSQ."),
+    "preact_resnet50": (PreActBottleneck, [3, 4, 6, 3], [64, 128, 256, 512], "imagenet",
+                        "Pre-activation ResNet-50, ImageNet layout (bottlenecks 3-4-6-3, 7x7 stem + max-pool), as in LSQ."),
+}
 
 
-def _imagenet_preact_resnet(
-    block: Block,
-    blocks_per_stage: list[int],
-    num_classes: int,
-    in_channels: int,
-    pretrained: bool | str | Path,
-    name: str,
-) -> PreActResNet:
-    model = PreActResNet(block, blocks_per_stage, [64, 128, 256, 512], num_classes, in_channels, stem="imagenet")
-    return load_pretrained_for_own_family(model, pretrained, name)
+def _family_builder(name: str) -> Callable[..., PreActResNet]:
+    block, blocks_per_stage, channels, stem, description = _FAMILY[name]
+
+    def build(num_classes: int = 10, in_channels: int = 3, pretrained: bool | str | Path = False) -> PreActResNet:
+        model = PreActResNet(block, blocks_per_stage, channels, num_classes, in_channels, stem=stem)
+        return load_pretrained_for_own_family(model, pretrained, name)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = description
+    return build
 
 
-@register_model("preact_resnet20")
-def preact_resnet20(
-    num_classes: int = 10, in_channels: int = 3, pretrained: bool | str | Path = False
-) -> PreActResNet:
-    """Pre-activation ResNet-20, CIFAR layout (3x3 basic blocks per stage, 16/32/64 channels, ~0.27M params)."""
-    return _cifar_preact_resnet(20, num_classes, in_channels, pretrained, "preact_resnet20")
-
-
-@register_model("preact_resnet32")
-def preact_resnet32(
-    num_classes: int = 10, in_channels: int = 3, pretrained: bool | str | Path = False
-) -> PreActResNet:
-    """Pre-activation ResNet-32, CIFAR layout (5x3 basic blocks per stage, 16/32/64 channels, ~0.46M params)."""
-    return _cifar_preact_resnet(32, num_classes, in_channels, pretrained, "preact_resnet32")
-
-
-@register_model("preact_resnet56")
-def preact_resnet56(
-    num_classes: int = 10, in_channels: int = 3, pretrained: bool | str | Path = False
-) -> PreActResNet:
-    """Pre-activation ResNet-56, CIFAR layout (9x3 basic blocks per stage, 16/32/64 channels, ~0.85M params)."""
-    return _cifar_preact_resnet(56, num_classes, in_channels, pretrained, "preact_resnet56")
-
-
-@register_model("preact_resnet18")
-def preact_resnet18(
-    num_classes: int = 10, in_channels: int = 3, pretrained: bool | str | Path = False
-) -> PreActResNet:
-    """Pre-activation ResNet-18, ImageNet layout (basic blocks 2-2-2-2, 7x7 stem + max-pool), as in LSQ."""
-    return _imagenet_preact_resnet(
-        PreActBasicBlock, [2, 2, 2, 2], num_classes, in_channels, pretrained, "preact_resnet18"
-    )
-
-
-@register_model("preact_resnet34")
-def preact_resnet34(
-    num_classes: int = 10, in_channels: int = 3, pretrained: bool | str | Path = False
-) -> PreActResNet:
-    """Pre-activation ResNet-34, ImageNet layout (basic blocks 3-4-6-3, 7x7 stem + max-pool), as in LSQ."""
-    return _imagenet_preact_resnet(
-        PreActBasicBlock, [3, 4, 6, 3], num_classes, in_channels, pretrained, "preact_resnet34"
-    )
-
-
-@register_model("preact_resnet50")
-def preact_resnet50(
-    num_classes: int = 10, in_channels: int = 3, pretrained: bool | str | Path = False
-) -> PreActResNet:
-    """Pre-activation ResNet-50, ImageNet layout (bottlenecks 3-4-6-3, 7x7 stem + max-pool), as in LSQ."""
-    return _imagenet_preact_resnet(
-        PreActBottleneck, [3, 4, 6, 3], num_classes, in_channels, pretrained, "preact_resnet50"
-    )
+for _name in _FAMILY:
+    register_model(_name)(_family_builder(_name))

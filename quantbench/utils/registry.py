@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 from quantbench.errors import QuantbenchError
@@ -20,7 +20,10 @@ class Registry(Generic[Builder]):
         self._builders: dict[str, Builder] = {}
 
     def register(self, name: str) -> Callable[[Builder], Builder]:
-        """Decorator: make ``builder`` available as ``name``; a name taken by another builder fails."""
+        """Decorator: make ``builder`` available as ``name``; a name taken by another builder fails.
+
+        The builder's docstring's first line is its one-line description (``info``, ``quantbench list``).
+        """
         if not isinstance(name, str) or not name or name != name.strip() or "," in name:
             raise QuantbenchError(f"a {self.kind} name must be a non-empty string without spaces or commas, got {name!r}")
 
@@ -37,6 +40,7 @@ class Registry(Generic[Builder]):
         return decorate
 
     def names(self) -> list[str]:
+        """Every registered name, sorted."""
         return sorted(self._builders)
 
     def get(self, name: str) -> Builder:
@@ -47,4 +51,18 @@ class Registry(Generic[Builder]):
         return builder
 
     def info(self, name: str) -> str:
+        """The one-line description of ``name`` (its builder's docstring's first line), for ``quantbench list``."""
         return (inspect.getdoc(self.get(name)) or "").split("\n", 1)[0]
+
+    def check_keywords(self, name: str, given: Iterable[str], common: set[str]) -> None:
+        """Fail in one line when ``given`` holds a keyword ``name``'s builder does not take beyond ``common``.
+
+        A builder that forwards ``**kwargs`` checks its own options, so nothing is refused for it here.
+        """
+        parameters = inspect.signature(self.get(name)).parameters.values()
+        if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+            return
+        accepted = {parameter.name for parameter in parameters} - common
+        if unknown := sorted(set(given) - accepted):
+            raise QuantbenchError(f"{self.kind} '{name}' has no option {', '.join(map(repr, unknown))}; "
+                                  f"its options are: {', '.join(sorted(accepted)) or 'none'}")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from quantbench import cli
 from quantbench.config import TrainConfig, merge, parse_set, single_options
 from quantbench.errors import QuantbenchError
 
@@ -62,39 +60,29 @@ def test_one_set_grammar() -> None:
         single_options(parse_set(["pact.alpha_l2=0"]), "lsq", "train")
 
 
-def _one_line_error(argv: list[str], monkeypatch, capsys) -> str:
-    monkeypatch.setattr(sys, "argv", ["quantbench", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err.strip()
-    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
-    return stderr
-
-
-def test_unknown_toml_key_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_unknown_toml_key_is_one_line(tmp_path: Path, cli_error) -> None:
     preset = tmp_path / "bad.toml"
     preset.write_text("epoch = 3\n")
-    assert "unknown compare option(s) epoch" in _one_line_error(["compare", "--config", str(preset)], monkeypatch, capsys)
+    assert "unknown compare option(s) epoch" in cli_error(["compare", "--config", str(preset)])
 
 
-def test_init_from_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_init_from_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path, cli_error) -> None:
     junk = tmp_path / "notes.pt"
     junk.write_text("not a checkpoint")
-    message = _one_line_error(["train", "--quantizer", "lsq", "--bits", "2", "--init-from", str(junk),
-                               "--out", str(tmp_path / "run")], monkeypatch, capsys)
+    message = cli_error(["train", "--quantizer", "lsq", "--bits", "2", "--init-from", str(junk),
+                               "--out", str(tmp_path / "run")])
     assert "is not a PyTorch checkpoint" in message
 
 
-def test_a_corrupt_checkpoint_on_resume_is_one_line_and_kept(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_corrupt_checkpoint_on_resume_is_one_line_and_kept(tmp_path: Path, cli_error) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"\x80\x02truncated")
-    message = _one_line_error(["train", "--out", str(run), "--resume", "--max-train-batches", "1"], monkeypatch, capsys)
+    message = cli_error(["train", "--out", str(run), "--resume", "--max-train-batches", "1"])
     assert "checkpoint.pt is corrupt" in message and "delete it" in message
     assert (run / "checkpoint.pt").exists()  # never deleted by quantbench
 
 
-def test_bad_train_flags_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    assert "--lr must be positive" in _one_line_error(["train", "--lr", "0", "--out", str(tmp_path)], monkeypatch, capsys)
-    assert "--threads must be" in _one_line_error(["train", "--threads", "0", "--out", str(tmp_path)], monkeypatch, capsys)
+def test_bad_train_flags_are_one_line(tmp_path: Path, cli_error) -> None:
+    assert "--lr must be positive" in cli_error(["train", "--lr", "0", "--out", str(tmp_path)])
+    assert "--threads must be" in cli_error(["train", "--threads", "0", "--out", str(tmp_path)])

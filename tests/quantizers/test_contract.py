@@ -106,12 +106,9 @@ def test_qil_prunes_at_the_pruning_point_and_keeps_the_clipping_point_interior()
         assert v.grad[1] != 0, backend  # c + d: interior, the transformer's gradient
 
 
-def test_compiled_kernels_survive_many_bit_widths_signs_and_dtypes(monkeypatch) -> None:
+@pytest.mark.usefixtures("fresh_kernel_cache")
+def test_compiled_kernels_survive_many_bit_widths_signs_and_dtypes() -> None:
     """Twelve and more (bits, sign, dtype) variants in one process: never a recompile-limit crash."""
-    monkeypatch.setattr(dispatch, "_compiled", {})
-    monkeypatch.setattr(dispatch, "_compiled_ok", set())
-    monkeypatch.setattr(dispatch, "_eager_only", set())
-    monkeypatch.setattr(dispatch, "_compile_failure", None)
     combinations = [(bits, signed, dtype) for bits in (2, 3, 4, 5, 6, 8) for signed in (False, True)
                     for dtype in (torch.float32, torch.float64)]
     assert len(combinations) >= 12
@@ -129,7 +126,7 @@ def test_compiled_kernels_survive_many_bit_widths_signs_and_dtypes(monkeypatch) 
                 assert torch.equal(out.detach(), expected), (name, bits, signed, dtype)
 
 
-def test_a_kernel_that_fails_after_compiling_falls_back_with_one_warning(monkeypatch) -> None:
+def test_a_kernel_that_fails_after_compiling_falls_back_with_one_warning(monkeypatch, fresh_kernel_cache) -> None:
     calls = {"n": 0}
 
     def flaky_compile(fn, **kwargs):
@@ -141,10 +138,6 @@ def test_a_kernel_that_fails_after_compiling_falls_back_with_one_warning(monkeyp
 
         return run
 
-    monkeypatch.setattr(dispatch, "_compiled", {})
-    monkeypatch.setattr(dispatch, "_compiled_ok", set())
-    monkeypatch.setattr(dispatch, "_eager_only", set())
-    monkeypatch.setattr(dispatch, "_compile_failure", None)
     monkeypatch.setattr(torch, "compile", flaky_compile)
     quantizer = quantizers.create("lsq", bits=4, signed=False)
     v = torch.rand(4096)

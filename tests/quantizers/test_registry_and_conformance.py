@@ -3,10 +3,7 @@ conformance kit's ability to catch broken quantizers."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,19 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 import quantizers
+from tests.helpers import REPO, run_cli
 from quantbench.cli import app
 from quantizers.conformance import run_checks
 from quantizers import Quantizer, QuantizerError, round_ste, scale_grad
 
-REPO = Path(__file__).resolve().parents[1]
-QUANTBENCH = [sys.executable, "-m", "quantbench.cli"]
-
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The real console entry point in a fresh process (so plugin loading and error mapping are what users get)."""
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH", "")]))
-    return subprocess.run([*QUANTBENCH, *args], capture_output=True, text=True, cwd=cwd or REPO, env=full_env)
 
 
 def readme_plugin_example() -> str:
@@ -102,6 +91,7 @@ def test_readme_plugin_example_is_short_and_passes_check(tmp_path: Path) -> None
     assert "gradients" in result.stdout and "FAIL" not in result.stdout
 
 
+@pytest.mark.slow
 def test_plugin_by_module_path_env_var_and_entry_point(tmp_path: Path) -> None:
     (tmp_path / "my_quantizer.py").write_text(readme_plugin_example())
     by_module = run_cli("list", "--plugin", "my_quantizer", cwd=tmp_path)
@@ -118,6 +108,7 @@ def test_plugin_by_module_path_env_var_and_entry_point(tmp_path: Path) -> None:
     assert by_entry_point.returncode == 0 and "lsq_offset" in by_entry_point.stdout, by_entry_point.stderr
 
 
+@pytest.mark.slow
 def test_plugin_that_does_not_import_is_one_clear_line(tmp_path: Path) -> None:
     (tmp_path / "broken.py").write_text("import this_package_does_not_exist\n")
     for plugin in ("broken.py", "no_such_module"):

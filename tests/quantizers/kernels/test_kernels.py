@@ -320,17 +320,13 @@ def test_compiled_model_matches_eager_model() -> None:
     assert torch.allclose(quantizer.step_size.grad, eager[2]["step_size"], rtol=1e-5)
 
 
-def test_a_kernel_that_fails_to_compile_falls_back_to_eager_with_one_warning(monkeypatch) -> None:
+def test_a_kernel_that_fails_to_compile_falls_back_to_eager_with_one_warning(monkeypatch, fresh_kernel_cache) -> None:
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("no C++ compiler")
 
         return run
 
-    monkeypatch.setattr(dispatch, "_compiled", {})
-    monkeypatch.setattr(dispatch, "_eager_only", set())
-    monkeypatch.setattr(dispatch, "_compiled_ok", set())
-    monkeypatch.setattr(dispatch, "_compile_failure", None)
     monkeypatch.setattr(torch, "compile", broken_compile)
     quantizer = quantizers.create("lsq", bits=4, signed=False)
     v, upstream = torch.rand(4096), torch.randn(4096)

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from tests.helpers import QUANTBENCH, REPO, subprocess_env
 from quantbench.comparison.compare import QUICK_PRESET, build_config, plan, run_compare
 from quantbench.config import load_config_file
 from quantbench.errors import QuantbenchError
 from quantbench.comparison.report import paired_differences, reference_label, sweep_markdown, table1_markdown, write_report
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_preset_then_file_then_flags(tmp_path: Path) -> None:
@@ -138,10 +136,9 @@ def test_sweep_table_has_one_row_per_combination_and_flags_divergence() -> None:
 
 
 def _compare_process(out: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "quantbench.cli", "compare", "--quantizers", "lsq,fixed", "--bits", "2,3,4,8",
+    args = [*QUANTBENCH, "compare", "--quantizers", "lsq,fixed", "--bits", "2,3,4,8",
             "--seeds", "0", "--epochs", "3", "--fp-epochs", "2", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
 
 
 def _wait_for_finished_runs(out: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -155,6 +152,7 @@ def _wait_for_finished_runs(out: Path, count: int, process: subprocess.Popen, ti
     pytest.fail("compare did not finish its first runs in time")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_interrupted_compare_completes_on_rerun_without_redoing_runs(tmp_path: Path, how: signal.Signals) -> None:
     out = tmp_path / "cmp"

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 import quantizers
 from quantizers.conformance import check_quantizer
-from quantizers.fixed import mse_optimal_step
 
 BITS = (2, 3, 4, 8)
 

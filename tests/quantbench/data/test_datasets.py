@@ -18,6 +18,7 @@ from torchvision.datasets import cifar as tv_cifar
 from torchvision.datasets import utils as tv_utils
 
 from quantbench import data as datasets
+from tests.helpers import assert_one_line
 from quantbench.data import fashion_mnist
 from quantbench.data import DatasetNotFoundError, create_dataset
 from quantbench.errors import QuantbenchError
@@ -91,13 +92,6 @@ def skip_cifar_md5(monkeypatch: pytest.MonkeyPatch) -> None:
     look the name up) and for this test only.
     """
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: tv_utils.check_integrity(path, None))
-
-
-def assert_one_line(error: BaseException, *fragments: str) -> None:
-    message = str(error)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message
 
 
 # ---- registry ------------------------------------------------------------------------------------------------------

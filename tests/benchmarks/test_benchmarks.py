@@ -4,27 +4,24 @@ no timing claims), and its paper-pseudocode contender is LSQ."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
 import quantizers
+from tests.helpers import REPO, run_module
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quick_benchmark_writes_every_table(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "bench"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
-    env["QUANTBENCH_KERNELS"] = "eager"  # structure only: skip compiling the kernels in the subprocess
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.quantizers", "--quick", "--rounds", "2", "--warmup", "0", "--threads", "1", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    # structure only: skip compiling the kernels in the subprocess
+    monkeypatch.setenv("QUANTBENCH_KERNELS", "eager")
+    result = run_module("benchmarks.quantizers", "--quick", "--rounds", "2", "--warmup", "0", "--threads", "1",
+                        "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
 
     ops = pd.read_csv(out / "ops.csv")
@@ -54,10 +51,7 @@ def test_quick_benchmark_writes_every_table(tmp_path: Path) -> None:
     # the side-by-side summary reads the runs' files into the README between its markers, keeping the prose
     readme = tmp_path / "README.md"
     readme.write_text("# prose before\n\n<!-- summary:begin -->\nstale\n<!-- summary:end -->\n\nprose after\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.summary", str(out), str(out), "--readme", str(readme)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )
+    result = run_module("benchmarks.summary", str(out), str(out), "--readme", str(readme), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     text = readme.read_text()
     assert text.startswith("# prose before") and text.rstrip().endswith("prose after") and "stale" not in text

@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 import quantizers
+from tests.helpers import REPO
 from quantbench import cli
 from quantbench.analyses import figure2
 
-REPO = Path(__file__).resolve().parents[1]
 POINTS = 401  # v = 0, 0.01, ..., 4: exact ties and clip edges are on the grid and must be skipped by the tests
 PLUGIN_NAME = "fig2_test_lsq"
 PLUGIN_SOURCE = f'''
@@ -185,13 +185,8 @@ def test_committed_figure_is_what_the_code_computes():
         (["--set", "fixed.mode=max"], "not in --quantizers"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args, message, monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(sys, "argv", ["quantbench", "fig2", "--out", str(tmp_path), *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err.strip()
-    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and message in stderr, stderr
+def test_bad_input_is_one_line_and_exit_2(args, message, cli_error, tmp_path):
+    assert message in cli_error(["fig2", "--out", str(tmp_path), *args])
     assert not list(tmp_path.iterdir())  # nothing written
 
 
