@@ -13,6 +13,7 @@ precision / 0.01 at 2-4 bits / 0.001 at 8 bits, weight decay 1e-4 at 4 and 8 bit
 from __future__ import annotations
 
 import ast
+import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from quantbench.errors import QuantbenchError
 
 SCHEDULES = ("cosine", "step")
 DEVICES = ("cpu", "cuda", "auto")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 def paper_lr(bits: int | None) -> float:
@@ -91,7 +93,9 @@ class TrainConfig:
     data_dir: str | None = _doc(None, "where the dataset lives")
     download: bool = _doc(False, "download the dataset when it is not found (needs network)")
     pretrained: bool | str = _doc(False, "start from pretrained weights (True: the model's own; a path: that file)")
-    device: str = _doc("cpu", "cpu, cuda or auto (CUDA when available)")
+    device: str = _doc("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
+    amp: str = _doc("auto", "mixed precision: off, bf16, fp16 (with a gradient scaler), or auto: bf16 on CUDA, off on CPU")
+    sync_bn: bool = _doc(False, "BatchNorm statistics over the global batch in a multi-process (torchrun) job")
     compile: bool = _doc(False, "torch.compile the whole (quantized) model")
     threads: int | None = _doc(None, "torch CPU threads; None: torch's default")
     workers: int = _doc(0, "DataLoader worker processes (0: load in the training process)")
@@ -118,11 +122,29 @@ class TrainConfig:
         if self.distill and not self.init_from:
             raise QuantbenchError("--distill needs --init-from: the full-precision teacher")
         check_device(self.device)
+        if self.amp not in AMP_MODES:
+            raise QuantbenchError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
 
     @staticmethod
     def doc(name: str) -> str:
         """The one-line doc of field ``name``."""
         return next(f.metadata.get("doc", "") for f in fields(TrainConfig) if f.name == name)
+
+    @staticmethod
+    def help(name: str) -> str:
+        """Field ``name``'s doc and its default, for a command-line option's help."""
+        default = next(f.default for f in fields(TrainConfig) if f.name == name)
+        return f"{TrainConfig.doc(name)} (default: {'not set' if default is None else default})"
+
+    @classmethod
+    def from_layers(cls, *layers: dict[str, Any] | None) -> TrainConfig:
+        """The config from layers (a file, then flags), merged by :func:`merge`; unknown keys fail in one line."""
+        merged = merge(*layers)
+        unknown = sorted(set(merged) - TRAIN_FIELDS)
+        if unknown:
+            raise QuantbenchError(f"unknown train option(s) {', '.join(unknown)}; the options are: "
+                                  f"{', '.join(sorted(TRAIN_FIELDS))}")
+        return cls(**merged)
 
     def with_paper_defaults(self) -> TrainConfig:
         """A copy with the paper's LR and weight decay filled in where they were left to it (``None``)."""
@@ -170,10 +192,21 @@ def merge(*layers: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML preset (see experiments/) as a dict."""
+    """A TOML preset (see experiments/), or JSON (a run's ``config.json`` gives its ``train`` table), as a dict."""
     file = Path(path)
     if not file.is_file():
         raise QuantbenchError(f"--config {path}: no such file (see experiments/ for examples)")
+    if file.suffix == ".json":
+        try:
+            values = json.loads(file.read_text())
+        except json.JSONDecodeError as error:
+            raise QuantbenchError(f"--config {path}: not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise QuantbenchError(f"--config {path}: expected a JSON object of options")
+        values = values["train"] if isinstance(values.get("train"), dict) else values
+        if "first_last_bits" in values and values["first_last_bits"] is None:
+            values["first_last_bits"] = "fp"  # JSON null means full precision here, not "not given"
+        return values
     try:
         return tomllib.loads(file.read_text())
     except tomllib.TOMLDecodeError as error:

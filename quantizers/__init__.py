@@ -13,7 +13,7 @@ Layout: ``base`` (the contract), ``registry``, ``ste`` (the straight-through pri
 and ``kernels/`` (the fused ops, their C and compiled kernels, and the switch that picks one).
 """
 
-from .base import MAX_BITS, MIN_BITS, Quantizer, QuantizerError, check_choice, lsq_init_step
+from .base import MAX_BITS, MIN_BITS, Quantizer, QuantizerError, check_choice, data_parallel_size, lsq_init_step
 from .integer import IntegerSpec
 from .kernels import kernels, lsq_quantize
 from .registry import ENTRY_POINT_GROUP, PLUGIN_ENV_VAR, available, create, get, load_plugins, options_of, register
@@ -43,6 +43,7 @@ __all__ = [
     "scale_grad",
     "lsq_quantize",
     "lsq_init_step",
+    "data_parallel_size",
     "record_surrogate",
     "replay_surrogate",
 ]

@@ -29,6 +29,7 @@ from .integer import IntegerSpec, spec_from_levels
 
 MIN_BITS, MAX_BITS = 2, 16
 ROLES = ("weight", "activation")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class Quantizer(nn.Module):
@@ -157,6 +158,14 @@ class Quantizer(nn.Module):
                 f"quantizer '{self.registry_name or type(self).__name__}' needs a floating-point tensor, "
                 f"got {v.dtype}; convert it with .float()"
             )
+        if v.dtype in HALF_DTYPES:
+            # Mixed precision: quantize in float32 (codes on the float32 grid, parameter gradients summed in
+            # float32), autocast off inside, and hand back the input's dtype.
+            with torch.autocast(v.device.type, enabled=False):
+                return self._initialize_and_quantize(v.float()).to(v.dtype)
+        return self._initialize_and_quantize(v)
+
+    def _initialize_and_quantize(self, v: Tensor) -> Tensor:
         if not self._is_initialized and v.numel() > 0:  # an empty batch says nothing about the data: wait
             with torch.no_grad():
                 self.initialize(v.detach())
@@ -185,6 +194,18 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         options = ", ".join(f"{key}={value!r}" for key, value in self.options().items())
         return f"bits={self.bits}, signed={self.signed}, {options}"
+
+
+def data_parallel_size() -> int:
+    """How many processes share each batch: the world size inside a torch.distributed job, else 1.
+
+    A quantizer whose gradient scale counts a batch's elements (LSQ's N for activations) multiplies by this, so a
+    G-process run with global batch B scales like a 1-process run with batch B (each rank sees B/G samples).
+    """
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size()
+    return 1
 
 
 def lsq_init_step(v: Tensor, qp: int, eps: float = 1e-8) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Quantizer, check_choice
+from .base import Quantizer, check_choice, data_parallel_size
 from .integer import IntegerSpec, exact_float
 from .kernels import lsq_quantize
 from .registry import register
@@ -61,6 +61,8 @@ class LSQ(Quantizer):
         """N in g = 1/sqrt(N*Qp): the number of terms summed into this step's gradient (see module docstring)."""
         if self.role == "activation" and self.activation_n == "sample" and v.dim() > 1:
             return max(1, v.numel() // v.shape[0])
+        if self.role == "activation":  # the global batch: a rank sees only its share of it
+            return max(1, v.numel()) * data_parallel_size()
         return max(1, v.numel())
 
     def effective_step(self) -> Tensor:

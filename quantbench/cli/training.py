@@ -87,55 +87,68 @@ def report_command(
     console.print(f"report: {escape(str(write_report(directory, out)))}")
 
 
+def _train_option(name: str, *flags: str) -> Any:
+    """A ``train`` option that defaults to "not given": its help and default come from ``TrainConfig``."""
+    from quantbench.config import TrainConfig
+
+    return typer.Option(*flags, help=TrainConfig.help(name))
+
+
 @app.command("train")
 def train_command(
-    dataset: Annotated[str, typer.Option(help="Dataset name (quantbench list).")] = "digits",
-    model: Annotated[str, typer.Option(help="Model name (quantbench list).")] = "small_cnn",
-    quantizer: Annotated[Optional[str], typer.Option(help="Quantizer name; omit for full precision.")] = None,
-    bits: Annotated[Optional[int], typer.Option(help="Bit width of weights and activations.")] = None,
-    first_last_bits: Annotated[
-        str, typer.Option(help="Bits of the first and last layers, or 'fp' to keep them full precision.")
-    ] = "8",
-    init_from: Annotated[
-        Optional[str], typer.Option(help="Full-precision run directory (or state_dict file) to fine-tune from.")
-    ] = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
-    lr: Annotated[Optional[float], typer.Option(help="Initial LR (default: the paper's, by bits).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default: the paper's, by bits).")] = None,
-    schedule: Annotated[str, typer.Option(help="cosine (paper) or step.")] = "cosine",
-    distill: Annotated[bool, typer.Option(help="Knowledge distillation from the --init-from teacher (T=1, equal weights).")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed (model init, data order, augmentation).")] = 0,
-    data_dir: Annotated[Optional[str], typer.Option(help="Where the dataset lives.")] = None,
-    download: Annotated[bool, typer.Option(help="Download the dataset when it is not found (needs network).")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
-    max_train_batches: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the whole model.")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's).")] = None,
+    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML or JSON file of train options (a run's config.json works); flags override it.")] = None,
+    dataset: Annotated[Optional[str], _train_option("dataset")] = None,
+    model: Annotated[Optional[str], _train_option("model")] = None,
+    quantizer: Annotated[Optional[str], _train_option("quantizer")] = None,
+    bits: Annotated[Optional[int], _train_option("bits")] = None,
+    first_last_bits: Annotated[Optional[str], _train_option("first_last_bits")] = None,
+    init_from: Annotated[Optional[str], _train_option("init_from")] = None,
+    epochs: Annotated[Optional[int], _train_option("epochs")] = None,
+    batch_size: Annotated[Optional[int], _train_option("batch_size")] = None,
+    lr: Annotated[Optional[float], _train_option("lr")] = None,
+    weight_decay: Annotated[Optional[float], _train_option("weight_decay")] = None,
+    schedule: Annotated[Optional[str], _train_option("schedule")] = None,
+    distill: Annotated[Optional[bool], _train_option("distill", "--distill/--no-distill")] = None,
+    seed: Annotated[Optional[int], _train_option("seed")] = None,
+    data_dir: Annotated[Optional[str], _train_option("data_dir")] = None,
+    download: Annotated[Optional[bool], _train_option("download", "--download/--no-download")] = None,
+    device: Annotated[Optional[str], _train_option("device")] = None,
+    amp: Annotated[Optional[str], _train_option("amp")] = None,
+    sync_bn: Annotated[Optional[bool], _train_option("sync_bn", "--sync-bn/--no-sync-bn")] = None,
+    max_train_batches: Annotated[Optional[int], _train_option("max_train_batches")] = None,
+    compile_model: Annotated[Optional[bool], _train_option("compile", "--compile/--no-compile")] = None,
+    threads: Annotated[Optional[int], _train_option("threads")] = None,
+    workers: Annotated[Optional[int], _train_option("workers")] = None,
     set_option: Annotated[
         Optional[list[str]], typer.Option("--set", help="Quantizer option KEY=VALUE for all its quantizers (repeatable).")
     ] = None,
-    out: Annotated[str, typer.Option(help="Run directory.")] = "runs/train",
+    out: Annotated[Optional[str], _train_option("out")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last checkpoint.")] = False,
     plugin: PluginOption = None,
 ) -> None:
     """Train one model: full precision, or a quantized fine-tune from a full-precision checkpoint."""
-    from quantbench.config import TrainConfig
+    from quantbench.config import TrainConfig, load_config_file, merge
+    from quantbench.training.distributed import launched_context
     from quantbench.training.run import train
 
     quantizers.load_plugins(plugin or [])
-    config = TrainConfig(
-        dataset=dataset, model=model, out=out, quantizer=quantizer, bits=bits,
-        first_last_bits=fp_or_bits(first_last_bits),
-        quantizer_options=single_options(parse_set(set_option, quantizer), quantizer, "train"), init_from=init_from, epochs=epochs, batch_size=batch_size,
-        lr=lr, weight_decay=weight_decay, schedule=schedule, distill=distill, seed=seed, data_dir=data_dir,
-        download=download, device=device, max_train_batches=max_train_batches, compile=compile_model, threads=threads,
-    )
+    flags = {"dataset": dataset, "model": model, "quantizer": quantizer, "bits": bits, "first_last_bits": first_last_bits,
+             "init_from": init_from, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+             "schedule": schedule, "distill": distill, "seed": seed, "data_dir": data_dir, "download": download,
+             "device": device, "max_train_batches": max_train_batches, "compile": compile_model, "threads": threads,
+             "workers": workers, "out": out, "amp": amp, "sync_bn": sync_bn}
+    given = merge(load_config_file(config_file) if config_file else None, flags)
+    if set_option:
+        name = given.get("quantizer")
+        given["quantizer_options"] = {**given.get("quantizer_options", {}),
+                                      **single_options(parse_set(set_option, name), name, "train")}
+    config = TrainConfig.from_layers(given)
     metrics = train(config, resume=resume)
-    console.print(
-        f"top1 {metrics['top1']:.2f}%  top5 {metrics['top5']:.2f}%  "
-        f"{metrics['wall_time_s']:.1f} s  {metrics['model_size_bits'] / 8 / 1024:.1f} KiB  -> {escape(out)}"
-    )
+    if launched_context().is_main:  # under torchrun, every rank returns the metrics; one prints them
+        console.print(
+            f"top1 {metrics['top1']:.2f}%  top5 {metrics['top5']:.2f}%  "
+            f"{metrics['wall_time_s']:.1f} s  {metrics['model_size_bits'] / 8 / 1024:.1f} KiB  -> {escape(config.out)}"
+        )
 
 
 @app.command("gradscale")

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from quantbench.config import TrainConfig, paper_lr
 from quantbench.qat import quantizer_parameters, regularization
+from quantbench.training.distributed import Context, train_loader
 from quantbench.utils.modules import topk_correct
 
 #: ``callback(step, loss, logits, labels)``: step is the global iteration; gradients are in ``.grad``
@@ -34,12 +35,13 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def epoch_loader(data: Any, config: TrainConfig, epoch: int) -> DataLoader:
-    """The training batches of one epoch, in an order that depends only on (seed, epoch), so a resumed run and
-    every quantizer of a comparison see the same batches."""
-    order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-    return DataLoader(data.train, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=order,
-                      num_workers=config.workers)
+def epoch_loader(data: Any, config: TrainConfig, epoch: int, context: Context | None = None) -> DataLoader:
+    """The training batches of one epoch, in an order that depends only on (seed, epoch), so a resumed run, every
+    quantizer of a comparison and every world size see the same global batches (see ``distributed.EpochSampler``)."""
+    loader = train_loader(data.train, config.batch_size, config.seed, context or Context(), config.workers,
+                          pin_memory=False)
+    loader.sampler.set_epoch(epoch)
+    return loader
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -74,7 +76,8 @@ def distillation_loss(logits: Tensor, teacher_logits: Tensor, temperature: float
 
 @dataclass
 class Trainer:
-    """What one epoch needs: the model (and the module to call, e.g. its compiled form), optimizer, recipe, device."""
+    """What one epoch needs: the model (and the module to call, e.g. its compiled or DDP form), optimizer, recipe,
+    device, and mixed precision (``amp``: off, bf16 or fp16, already resolved; fp16 brings a gradient scaler)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -83,61 +86,85 @@ class Trainer:
     steps_per_epoch: int
     teacher: nn.Module | None = None
     forward: nn.Module | Callable | None = None  # what to call for logits; defaults to model
+    amp: str = "off"
+    scaler: torch.amp.GradScaler | None = None
+    compiled: bool = False
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, on_step: StepCallback | None = None,
-                    max_steps: int | None = None, progress: Callable[[float, float], None] | None = None
-                    ) -> dict[str, float]:
-    """One epoch (or its first ``max_steps`` iterations); returns mean train loss and top-1 over the steps run."""
+                    max_steps: int | None = None, progress: Callable[[int, float, float], None] | None = None,
+                    progress_every: int = 10) -> dict[str, float]:
+    """One epoch (or its first ``max_steps`` iterations); returns mean train loss and top-1 over the steps run (over
+    every rank's batches in a multi-process job). Running sums stay on the device: the host reads them only for
+    ``progress`` (every ``progress_every`` steps) and once at the end."""
     model, optimizer, config = trainer.model, trainer.optimizer, trainer.config
     forward = trainer.forward or model
     total_steps = trainer.steps_per_epoch * config.epochs
     steps = min(trainer.steps_per_epoch, max_steps or trainer.steps_per_epoch)
+    autocast = torch.autocast(trainer.device.type, dtype=AMP_DTYPES.get(trainer.amp), enabled=trainer.amp != "off")
     model.train()
-    loss_sum = correct = seen = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=trainer.device)  # loss * n, correct, n
     for index, (images, labels) in enumerate(loader):
         if index >= steps:
             break
         step = epoch * trainer.steps_per_epoch + index
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, step, total_steps)
-        images, labels = images.to(trainer.device), labels.to(trainer.device)
-        logits = forward(images)
-        loss = F.cross_entropy(logits, labels)
-        if trainer.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = trainer.teacher(images)
-            kd = distillation_loss(logits, teacher_logits, config.distill_temperature)
-            loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
+        images = images.to(trainer.device, non_blocking=True)
+        labels = labels.to(trainer.device, non_blocking=True)
+        with autocast:
+            logits = forward(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            if trainer.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = trainer.teacher(images)
+                kd = distillation_loss(logits.float(), teacher_logits.float(), config.distill_temperature)
+                loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
         loss = loss + regularization(model).to(loss.device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if trainer.scaler is not None:
+            trainer.scaler.scale(loss).backward()
+            trainer.scaler.unscale_(optimizer)  # the callback and the step see true gradients
+        else:
+            loss.backward()
         if on_step is not None:
             on_step(step, loss, logits, labels)
-        optimizer.step()
-        if config.compile and forward is model:
-            forward = trainer.forward = torch.compile(model)  # after one eager step: quantizers initialize eagerly
-        loss_sum += loss.item() * labels.numel()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += labels.numel()
-        if progress is not None:
-            progress(loss_sum / seen, 100 * correct / seen)
+        if trainer.scaler is not None:
+            trainer.scaler.step(optimizer)
+            trainer.scaler.update()
+        else:
+            optimizer.step()
+        if config.compile and not trainer.compiled:
+            forward = trainer.forward = torch.compile(forward)  # after one eager step: quantizers initialize eagerly
+            trainer.compiled = True
+        with torch.no_grad():
+            sums += torch.stack([loss.detach().double() * labels.numel(),
+                                 (logits.argmax(1) == labels).sum().double(),
+                                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=sums.device)])
+        if progress is not None and ((index + 1) % progress_every == 0 or index + 1 == steps):
+            loss_sum, correct, seen = sums.tolist()
+            progress(index + 1, loss_sum / seen, 100 * correct / seen)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    loss_sum, correct, seen = sums.tolist()
     return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1)}
 
 
 def evaluate(model: nn.Module | Callable, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Test loss, top-1 and top-5 (percent) over ``loader``, in eval mode."""
+    """Test loss, top-1 and top-5 (percent) over ``loader``, in eval mode (sums on the device, read once)."""
     if isinstance(model, nn.Module):
         model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
     with torch.no_grad():
         for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            logits = model(images).float()
             top1, top5 = topk_correct(logits, labels)
-            correct1 += top1.sum().item()
-            correct5 += top5.sum().item()
-            total += labels.numel()
+            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.sum().double(),
+                                 top5.sum().double(), torch.tensor(float(labels.numel()), dtype=torch.float64,
+                                                                   device=device)])
+    loss_sum, correct1, correct5, total = sums.tolist()
     return {"test_loss": loss_sum / total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}

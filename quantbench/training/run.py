@@ -24,6 +24,7 @@ import platform
 import random
 import subprocess
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ from quantbench.data import create_dataset
 from quantbench.errors import QuantbenchError
 from quantbench.models import create_model
 from quantbench.qat import QuantConfig, layer_table, model_size_bits, plan_from_layer_table, quantize_
-from quantbench.training.loop import Trainer, epoch_loader, evaluate, make_optimizer, seed_everything, train_one_epoch
+from quantbench.training import distributed
+from quantbench.training.distributed import Context, launched_context, train_loader
+from quantbench.training.loop import Trainer, evaluate, make_optimizer, seed_everything, train_one_epoch
 from quantbench.utils.io import save_torch, write_csv, write_json
 
 def environment() -> dict[str, Any]:
@@ -60,6 +63,27 @@ def environment() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def numerics(device: torch.device, amp: str, context: Context) -> dict[str, Any]:
+    """What decides the numbers beyond the config: device, precision, TF32 and determinism flags, world size."""
+    return {
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "amp": amp,
+        "world_size": context.world_size,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto``: bf16 on a CUDA device that supports it, else off; fp16 and bf16 on CPU are allowed when asked for."""
+    if amp != "auto":
+        return amp
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
 
 
 def load_state_dict_file(source: str) -> dict[str, torch.Tensor]:
@@ -159,8 +183,15 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
     if resume and (out / "metrics.json").exists():
         _check_same_recipe(out, config)
         return json.loads((out / "metrics.json").read_text())
-    with _run_lock(out):
-        return _train(config, out, checkpoint_path, resume, stop_after_epoch, progress)
+    context = launched_context()
+    device = distributed.rank_device(resolve_device(config.device), context)
+    owns_process_group = distributed.start(context, device)
+    try:
+        with _run_lock(out) if context.is_main else contextlib.nullcontext():
+            return _train(config, out, checkpoint_path, resume, stop_after_epoch, progress, context, device)
+    finally:
+        if owns_process_group:
+            distributed.stop()
 
 
 def _check_same_recipe(out: Path, config: TrainConfig) -> None:
@@ -225,75 +256,112 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, stop_after_epoch: int | None,
-           progress: bool | Progress) -> dict[str, Any]:
+           progress: bool | Progress, context: Context, device: torch.device) -> dict[str, Any]:
     seed_everything(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    amp = resolve_amp(config.amp, device)
+    if config.quantizer is not None and device.type == "cuda":
+        # TF32 rounds a conv's inputs to 10 mantissa bits: quantized weights and activations would leave their grid.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    main = context.is_main
     data = create_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
-    test_loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=config.workers)
-    model, teacher = build_model(config, data, sample_batch(data, config.batch_size))
-    model.to(device)
-    steps_per_epoch = len(DataLoader(data.train, batch_size=config.batch_size, drop_last=True))
+    test_loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=config.workers,
+                             pin_memory=device.type == "cuda")
+    loader = train_loader(data.train, config.batch_size, config.seed, context, config.workers, device.type == "cuda")
+    steps_per_epoch = len(loader)
     if config.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, config.max_train_batches)
-    # With --compile the loop compiles the model after its first (eager) step; checkpoints and metrics use the plain
-    # model, which shares parameters with the compiled one.
-    trainer = Trainer(model, make_optimizer(model, config), config, device, steps_per_epoch,
-                      teacher=teacher.to(device) if teacher is not None else None)
+    model, teacher = build_model(config, data, sample_batch(data, config.batch_size))
+    model.to(device)
 
     history: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
-    if resume and checkpoint_path.exists():
-        checkpoint = _read_checkpoint(checkpoint_path)
+    checkpoint = _read_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    if checkpoint is not None:
         if _recipe(checkpoint["config"]) != _recipe(asdict(config)):
             raise QuantbenchError(f"{out} holds a run with a different config; resume with the same options or use another --out")
         model.load_state_dict(checkpoint["model"])
-        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"])
-        random.setstate(checkpoint["python_rng"])
         history, start_epoch, elapsed = checkpoint["history"], checkpoint["epoch"] + 1, checkpoint["elapsed"]
-    else:
-        write_json(out / "config.json", {"train": asdict(config), "dataset_source": data.source})
-        write_json(out / "environment.json", environment())
+    elif config.quantizer is not None:
+        # Quantizers initialize from the first global batch on every rank, before DDP: identical state by
+        # construction (see quantbench.training.distributed), and what a 1-process run's first step would do.
+        first = distributed.first_global_batch(data.train, config.batch_size, config.seed, epoch=0)
+        distributed.initialize_quantizers(model, first.to(device))
+    if config.sync_bn and context.is_distributed:
+        model = distributed.sync_batchnorm(model, device)
+    distributed.broadcast_state(model, context)
+    agree_at_start = distributed.ranks_agree(model, context)
+    # With --compile the loop compiles the model after its first (eager) step; checkpoints and metrics use the plain
+    # model, which shares parameters with the compiled (and the DDP) one.
+    trainer = Trainer(model, make_optimizer(model, config), config, device, steps_per_epoch,
+                      teacher=teacher.to(device) if teacher is not None else None,
+                      forward=distributed.wrap(model, context, device), amp=amp,
+                      scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None)
+    if checkpoint is not None:
+        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        if trainer.scaler is not None and checkpoint.get("scaler"):
+            trainer.scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"])
+        if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
+        random.setstate(checkpoint["python_rng"])
+    elif main:
+        write_json(out / "config.json", {"train": asdict(config), "dataset_source": data.source,
+                                         "world_size": context.world_size, "amp": amp})
+        write_json(out / "environment.json", {**environment(), **numerics(device, amp, context)})
 
     shared = isinstance(progress, Progress)
-    bar = progress if shared else new_progress(bool(progress))
+    bar = progress if shared else new_progress(bool(progress) and main)
 
     def first_step_layer_table(step: int, *_: Any) -> None:
-        if step == 0 and config.quantizer is not None:  # steps initialized and N known, before the first update
+        if step == 0 and config.quantizer is not None and main:  # steps initialized and N known, before the update
             print_layer_table(write_layer_table(model, out), bar.console, bool(progress) and not shared)
 
     with contextlib.nullcontext() if shared else bar:
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, status="")
-            status = lambda loss, top1: bar.update(task, advance=1, status=f"loss {loss:.3f} acc {top1:.1f}%")  # noqa: E731
-            train_metrics = train_one_epoch(trainer, epoch_loader(data, config, epoch), epoch,
-                                            on_step=first_step_layer_table, progress=status)
-            metrics = evaluate(trainer.forward or model, test_loader, device)
+            status = lambda done, loss, top1: bar.update(task, completed=done, status=f"loss {loss:.3f} acc {top1:.1f}%")  # noqa: E731
+            loader.sampler.set_epoch(epoch)
+            train_metrics = train_one_epoch(trainer, loader, epoch, on_step=first_step_layer_table, progress=status)
+            if main:  # rank 0 alone evaluates the full test set, once
+                metrics = evaluate(model if context.is_distributed else trainer.forward, test_loader, device)
             elapsed += time.perf_counter() - started
-            history.append({"epoch": epoch + 1, **train_metrics, **metrics,
-                            "lr_end": trainer.optimizer.param_groups[0]["lr"], "elapsed_s": elapsed})
-            bar.update(task, status=f"test top1 {metrics['top1']:.2f}%")
+            if main:
+                history.append({"epoch": epoch + 1, **train_metrics, **metrics,
+                                "lr_end": trainer.optimizer.param_groups[0]["lr"], "elapsed_s": elapsed})
+                bar.update(task, status=f"test top1 {metrics['top1']:.2f}%")
+                save_torch({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+                            "rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                            "epoch": epoch, "history": history, "elapsed": elapsed, "config": asdict(config)},
+                           checkpoint_path)
+                write_csv(out / "epochs.csv", history)
             if shared:
                 bar.remove_task(task)
-            save_torch({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                        "rng": torch.get_rng_state(), "python_rng": random.getstate(), "epoch": epoch,
-                        "history": history, "elapsed": elapsed, "config": asdict(config)}, checkpoint_path)
-            write_csv(out / "epochs.csv", history)
+            distributed.barrier(context)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
                 return {"interrupted_after_epoch": epoch + 1}
 
-    if config.quantizer is None:
-        write_layer_table(model, out)
-    save_torch(model.state_dict(), out / "model.pt")
-    final = {**{key: history[-1][key] for key in ("top1", "top5", "test_loss")},
-             "wall_time_s": elapsed, "model_size_bits": model_size_bits(model),
-             "parameters": sum(p.numel() for p in model.parameters()), "epochs": config.epochs,
-             "num_classes": data.num_classes}
-    write_json(out / "metrics.json", final)  # last: its presence marks the run finished
-    return final
+    # A quantizer that updates state outside autograd from its own rank's data would drift apart: say so.
+    agree = agree_at_start and distributed.ranks_agree(model, context)
+    if not agree and main:
+        warnings.warn(f"{out}: quantizer state differs across the {context.world_size} ranks at the end of training "
+                      "(rank 0's is saved); a quantizer updates state from its own rank's data", RuntimeWarning)
+    final = {}
+    if main:
+        if config.quantizer is None:
+            write_layer_table(model, out)
+        save_torch(model.state_dict(), out / "model.pt")
+        final = {**{key: history[-1][key] for key in ("top1", "top5", "test_loss")},
+                 "wall_time_s": elapsed, "model_size_bits": model_size_bits(model),
+                 "parameters": sum(p.numel() for p in model.parameters()), "epochs": config.epochs,
+                 "num_classes": data.num_classes, "world_size": context.world_size,
+                 "quantizer_state_identical_across_ranks": agree}
+        write_json(out / "metrics.json", final)  # last: its presence marks the run finished
+    return distributed.from_main(final, context)
 
 
 def print_layer_table(rows: list[dict[str, Any]], console: Any, enabled: bool = True) -> None:
