@@ -96,6 +96,8 @@ class TrainConfig:
     threads: int | None = _doc(None, "torch CPU threads; None: torch's default")
     workers: int = _doc(0, "DataLoader worker processes (0: load in the training process)")
     max_train_batches: int | None = _doc(None, "a smoke-test cap on batches per epoch (recorded; never a default)")
+    bn: str = _doc("float", "BatchNorm after a conv: float (paper: a float op) or fold (folded into the conv before weight quantization)")
+    freeze_bn_epoch: int | None = _doc(None, "with --bn fold, freeze BN statistics from this epoch (0-based) on; None: never")
 
     def __post_init__(self) -> None:
         if (self.quantizer is None) != (self.bits is None):

@@ -38,6 +38,7 @@ from quantbench.data import create_dataset
 from quantbench.errors import QuantbenchError
 from quantbench.models import create_model
 from quantbench.qat import QuantConfig, layer_table, model_size_bits, plan_from_layer_table, quantize_
+from quantbench.qat_bnfold import apply_bn_mode, set_bn_frozen
 from quantbench.training.loop import Trainer, epoch_loader, evaluate, make_optimizer, seed_everything, train_one_epoch
 from quantbench.utils.io import save_torch, write_csv, write_json
 
@@ -118,6 +119,7 @@ def build_model(config: TrainConfig, data: Any, sample_input: torch.Tensor | Non
         quant = QuantConfig(config.quantizer, config.bits, config.first_last_bits, config.quantizer_options,
                             config.weight_options, config.activation_options)
         quantize_(model, quant, sample_input, plan=plan_from_layer_table(layer_table) if layer_table else None)
+    apply_bn_mode(model, config)  # --bn fold: conv-BN pairs folded before weight quantization (quantbench.qat_bnfold)
     if quantized_state:
         _load(model, state, config)
     return model, teacher
@@ -269,6 +271,7 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
             started = time.perf_counter()
             task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, status="")
             status = lambda loss, top1: bar.update(task, advance=1, status=f"loss {loss:.3f} acc {top1:.1f}%")  # noqa: E731
+            set_bn_frozen(model, config, epoch)  # --bn fold: BN statistics frozen from --freeze-bn-epoch on
             train_metrics = train_one_epoch(trainer, epoch_loader(data, config, epoch), epoch,
                                             on_step=first_step_layer_table, progress=status)
             metrics = evaluate(trainer.forward or model, test_loader, device)
