@@ -25,6 +25,7 @@ from quantbench.errors import QuantbenchError
 SCHEDULES = ("cosine", "step")
 DEVICES = ("cpu", "cuda", "auto")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+BN_MODES = ("float", "fold")
 
 
 def paper_lr(bits: int | None) -> float:
@@ -100,6 +101,8 @@ class TrainConfig:
     threads: int | None = _doc(None, "torch CPU threads; None: torch's default")
     workers: int = _doc(0, "DataLoader worker processes (0: load in the training process)")
     max_train_batches: int | None = _doc(None, "a smoke-test cap on batches per epoch (recorded; never a default)")
+    bn: str = _doc("float", "BatchNorm after a conv: float (paper: a float op) or fold (folded into the conv before weight quantization)")
+    freeze_bn_epoch: int | None = _doc(None, "with --bn fold, freeze BN statistics from this epoch (0-based) on; None: never")
 
     def __post_init__(self) -> None:
         if (self.quantizer is None) != (self.bits is None):
@@ -124,6 +127,13 @@ class TrainConfig:
         check_device(self.device)
         if self.amp not in AMP_MODES:
             raise QuantbenchError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.bn not in BN_MODES:
+            raise QuantbenchError(f"--bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+        if self.freeze_bn_epoch is not None and (isinstance(self.freeze_bn_epoch, bool)
+                                                 or not isinstance(self.freeze_bn_epoch, int) or self.freeze_bn_epoch < 0):
+            raise QuantbenchError(f"--freeze-bn-epoch must be an epoch number (0 or more), got {self.freeze_bn_epoch!r}")
+        if self.sync_bn and self.bn == "fold":
+            raise QuantbenchError("--sync-bn does not synchronize folded BatchNorms yet; use --bn float with --sync-bn")
 
     @staticmethod
     def doc(name: str) -> str:

@@ -17,7 +17,7 @@ def fresh_kernel_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatch, "_compiled", {})
     monkeypatch.setattr(dispatch, "_compiled_ok", set())
     monkeypatch.setattr(dispatch, "_eager_only", set())
-    monkeypatch.setattr(dispatch, "_compile_failure", None)
+    monkeypatch.setattr(dispatch, "_compile_failure", {})
 
 
 @pytest.fixture

@@ -82,7 +82,7 @@ class GradScaleConfig:
     seed: int = 0
     data_dir: str | None = None
     download: bool = False
-    device: str = "cpu"
+    device: str = "auto"
     threads: int | None = None
 
     def resolved(self) -> GradScaleConfig:
@@ -132,7 +132,7 @@ def command_line(config: GradScaleConfig) -> str:
                         ("--data-dir", config.data_dir), ("--threads", config.threads)):
         if value is not None:
             parts.append(f"{flag} {value}")
-    if config.device != "cpu":
+    if config.device != "auto":
         parts.append(f"--device {config.device}")
     return " ".join(parts)
 

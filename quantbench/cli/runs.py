@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Optional
 
 import typer
@@ -39,19 +40,26 @@ def qerror_command(
 @app.command("export")
 def export_command(
     run_dir: Annotated[str, typer.Argument(help="A finished quantized run directory (quantbench train --out).")],
-    out: Annotated[Optional[str], typer.Option(help="Export file (default: RUN_DIR/export/model.int.pt).")] = None,
+    export_format: Annotated[str, typer.Option("--format", help="integer (quantbench's integer codes, model.int.pt) or onnx (QDQ graph for ONNX Runtime, model.onnx).")] = "integer",
+    out: Annotated[Optional[str], typer.Option(help="Export file (default: RUN_DIR/export/model.int.pt, or model.onnx with --format onnx).")] = None,
     pack: Annotated[bool, typer.Option("--pack/--no-pack", help="Bit-pack weight codes (b bits each) instead of int8 storage.")] = False,
     data_dir: Annotated[Optional[str], typer.Option(help="Where the dataset lives (default: the run's).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the sizes as JSON to this file.")] = None,
     plugin: PluginOption = None,
 ) -> None:
     """Write integer weight codes, step sizes and the model description (LSQ Figure 1); report size against fp32."""
-    import json
     from pathlib import Path
 
+    from quantbench.errors import QuantbenchError
     from quantbench.export.integer import export_run
 
     quantizers.load_plugins(plugin or [])
+    if export_format not in ("integer", "onnx"):
+        raise QuantbenchError(f"--format must be integer or onnx, got {export_format!r}")
+    if export_format == "onnx":
+        _export_onnx(run_dir, out, pack, data_dir, json_out)
+        return
+    _refuse_folded_integer(run_dir)
     result = export_run(run_dir, out=out, pack=pack, data_dir=data_dir)
     table = Table(title=f"integer export of {run_dir}", title_justify="left")
     for column in ("layer", "weight bits", "activation bits", "weights", "s_w", "s_x"):
@@ -80,9 +88,9 @@ def export_command(
 @app.command("evaluate")
 def evaluate_command(
     run_dir: Annotated[str, typer.Argument(help="A finished quantized run directory, or an export file (integer path).")],
-    path: Annotated[str, typer.Option(help="fake (the fake-quantized float model) or integer (integer codes).")] = "fake",
-    compare: Annotated[bool, typer.Option("--compare", help="Run both paths and report how closely they agree.")] = False,
-    export: Annotated[Optional[str], typer.Option(help="Export file for the integer path (default: RUN_DIR/export/model.int.pt, else built in memory).")] = None,
+    path: Annotated[str, typer.Option(help="fake (the fake-quantized float model), integer (integer codes) or onnx (the QDQ graph in ONNX Runtime).")] = "fake",
+    compare: Annotated[bool, typer.Option("--compare", help="Run the fake path and --path (integer unless onnx) and report how closely they agree.")] = False,
+    export: Annotated[Optional[str], typer.Option(help="Export file of the integer or onnx path (default: RUN_DIR/export/model.int.pt or model.onnx, else built in memory).")] = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
     data_dir: Annotated[Optional[str], typer.Option(help="Where the dataset lives (default: the run's).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's).")] = None,
@@ -90,20 +98,29 @@ def evaluate_command(
     plugin: PluginOption = None,
 ) -> None:
     """Top-1/top-5 on the test set through the fake-quantized or the integer path; --compare checks they agree."""
-    import json
     from pathlib import Path
 
     from quantbench.export.integer_model import evaluate_paths
 
     quantizers.load_plugins(plugin or [])
     set_threads(threads)
-    paths = ("fake", "integer") if compare else (path,)
+    paths = ("fake", "onnx" if path == "onnx" else "integer") if compare else (path,)
+    if "integer" in paths:
+        _refuse_folded_integer(run_dir)
     results = evaluate_paths(run_dir, paths=paths, export=export, data_dir=data_dir, batch_size=batch_size)
     for name in paths:
         console.print(f"{name:8s} top1 {results[name]['top1']:.2f}%  top5 {results[name]['top5']:.2f}%")
     if "export" in results:
-        console.print(f"integer model from: {escape(results['export'])}")
-    if compare:
+        console.print(f"{paths[-1]} model from: {escape(results['export'])}")
+    if compare and "onnx" in paths:
+        c = results["comparison"]
+        console.print(
+            f"predictions agree on {c['images'] - c['predictions_differing']}/{c['images']} test images "
+            f"({c['prediction_agreement']:.2f}%); max |logit difference| {c['max_abs_logit_diff']:.3g} "
+            f"(max |logit| {c['max_abs_logit']:.3g}, relative {c['max_rel_logit_diff']:.2g}; allclose rtol 1e-5: "
+            f"{'yes' if c['logits_allclose'] else 'no'}) between the fake-quantized model and ONNX Runtime"
+        )
+    elif compare:
         c = results["comparison"]
         console.print(
             f"predictions agree on {c['images'] - c['predictions_differing']}/{c['images']} test images "
@@ -121,3 +138,32 @@ def evaluate_command(
         console.print(f"wrote {escape(json_out)}")
 
 
+def _export_onnx(run_dir: str, out: Optional[str], pack: bool, data_dir: Optional[str], json_out: Optional[str]) -> None:
+    """``export --format onnx``: the QDQ graph (quantbench.export.onnx)."""
+    from quantbench.errors import QuantbenchError
+    from quantbench.export.onnx import export_onnx_run
+    from quantbench.utils.io import write_json
+
+    if pack:
+        raise QuantbenchError("--pack applies to --format integer; ONNX stores weight codes as int8 initializers")
+    result = export_onnx_run(run_dir, out=out, data_dir=data_dir)
+    nodes = ", ".join(f"{op} {count}" for op, count in sorted(result.nodes.items()))
+    console.print(f"wrote {escape(str(result.path))}: {result.file_bytes:,} bytes, opset {result.opset}, "
+                  f"{result.layers} quantized layers; nodes: {nodes}")
+    if json_out:
+        write_json(json_out, {"run_dir": run_dir, "export": str(result.path), "format": "onnx",
+                              "file_bytes": result.file_bytes, "opset": result.opset, "nodes": result.nodes,
+                              "quantized_layers": result.layers})
+        console.print(f"wrote {escape(json_out)}")
+
+
+def _refuse_folded_integer(run_dir: str) -> None:
+    """The integer format does not hold folded BatchNorm yet (its rebuild expects every BN): one line, not a wrong model."""
+    from pathlib import Path
+
+    from quantbench.errors import QuantbenchError
+
+    config = Path(run_dir) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("train", {}).get("bn") == "fold":
+        raise QuantbenchError(f"{run_dir} was trained with --bn fold: export and evaluate it with --format onnx / "
+                              "--path onnx (the integer format does not hold folded BatchNorm yet)")

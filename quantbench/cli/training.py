@@ -38,6 +38,7 @@ def compare_command(
     compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the models.")] = None,
     max_train_batches: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Comparison directory (default: runs/compare).")] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(help="Processes per run: each run is a data-parallel torchrun job (default 1).")] = None,
     fp_from: Annotated[
         Optional[str], typer.Option(help="Reuse the full-precision baselines of another comparison directory.")
     ] = None,
@@ -57,7 +58,7 @@ def compare_command(
         "seeds": csv_list(seeds, int), "epochs": epochs, "fp_epochs": fp_epochs, "batch_size": batch_size,
         "qil_progressive": qil_progressive, "data_dir": data_dir, "threads": threads, "compile": compile_model,
         "max_train_batches": max_train_batches, "out": out, "set": parse_set(set_option) or None,
-        "fp_from": fp_from,
+        "fp_from": fp_from, "nproc_per_node": nproc_per_node,
     }
     for key, values in numbers.items():
         flags[key] = None if values is None else values if len(values) > 1 else values[0]
@@ -115,6 +116,8 @@ def train_command(
     device: Annotated[Optional[str], _train_option("device")] = None,
     amp: Annotated[Optional[str], _train_option("amp")] = None,
     sync_bn: Annotated[Optional[bool], _train_option("sync_bn", "--sync-bn/--no-sync-bn")] = None,
+    bn: Annotated[Optional[str], _train_option("bn")] = None,
+    freeze_bn_epoch: Annotated[Optional[int], _train_option("freeze_bn_epoch")] = None,
     max_train_batches: Annotated[Optional[int], _train_option("max_train_batches")] = None,
     compile_model: Annotated[Optional[bool], _train_option("compile", "--compile/--no-compile")] = None,
     threads: Annotated[Optional[int], _train_option("threads")] = None,
@@ -136,7 +139,8 @@ def train_command(
              "init_from": init_from, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
              "schedule": schedule, "distill": distill, "seed": seed, "data_dir": data_dir, "download": download,
              "device": device, "max_train_batches": max_train_batches, "compile": compile_model, "threads": threads,
-             "workers": workers, "out": out, "amp": amp, "sync_bn": sync_bn}
+             "workers": workers, "out": out, "amp": amp, "sync_bn": sync_bn,
+             "bn": bn, "freeze_bn_epoch": freeze_bn_epoch}
     given = merge(load_config_file(config_file) if config_file else None, flags)
     if set_option:
         name = given.get("quantizer")
@@ -173,7 +177,7 @@ def gradscale_command(
     seed: Annotated[int, typer.Option(help="Random seed (model init, data order, augmentation).")] = 0,
     data_dir: Annotated[Optional[str], typer.Option(help="Where the dataset lives.")] = None,
     download: Annotated[bool, typer.Option(help="Download the dataset when it is not found (needs network).")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when available).")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's).")] = None,
     set_option: Annotated[
         Optional[list[str]], typer.Option("--set", help="Quantizer option KEY=VALUE, e.g. activation_n=sample (repeatable).")

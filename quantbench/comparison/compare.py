@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import quantizers
 from quantbench.config import TRAIN_FIELDS, TrainConfig, check_bits, fp_or_bits, merge
 from quantbench.errors import QuantbenchError
+from quantbench.comparison.launch import train_distributed
 from quantbench.training.run import train
 from quantbench.utils.io import write_csv, write_json
 
@@ -65,6 +66,7 @@ class CompareConfig:
     fp_lr: float | None = None  # None: the paper's full-precision LR
     epochs_by_bits: dict[int, int] = field(default_factory=dict)  # e.g. {8: 1}: the paper trains 8-bit for 1 epoch
     fp_from: str | None = None  # reuse the full-precision baselines of another comparison directory
+    nproc_per_node: int = 1  # > 1: each run is a data-parallel job of that many processes (torch.distributed.run)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "recipe": asdict(self.recipe)}
@@ -87,7 +89,7 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     sweep: dict[str, list[Any]] = dict(merged.pop("set", {}))
     train_fields = TRAIN_FIELDS
     grid_keys = {"quantizers", "bits", "seeds", "fp_epochs", "qil_progressive", "out", "fp_lr", "epochs_by_bits",
-                 "fp_from"}
+                 "fp_from", "nproc_per_node"}
     unknown = sorted(set(merged) - train_fields - grid_keys)
     if unknown:
         raise QuantbenchError(
@@ -115,6 +117,7 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
         fp_lr=merged.get("fp_lr"),
         fp_from=merged.get("fp_from"),
         epochs_by_bits={int(bits): int(epochs) for bits, epochs in (merged.get("epochs_by_bits") or {}).items()},
+        nproc_per_node=merged.get("nproc_per_node", 1),
     )
     validate(config)
     return config
@@ -133,6 +136,8 @@ def validate(config: CompareConfig) -> None:
         check_bits(bits)
     if not config.seeds or not config.quantizers or not config.bits:
         raise QuantbenchError("--quantizers, --bits and --seeds each need at least one value")
+    if isinstance(config.nproc_per_node, bool) or not isinstance(config.nproc_per_node, int) or config.nproc_per_node < 1:
+        raise QuantbenchError(f"--nproc-per-node must be an integer of at least 1, got {config.nproc_per_node!r}")
     for key in config.sweep:
         name, dot, option = key.partition(".")
         if key in TRAIN_SWEEPS:
@@ -273,7 +278,16 @@ def run_compare(config: CompareConfig, command: str | None = None, progress: boo
         for run in pending:
             bar.update(grid, status=run.name)
             started = time.perf_counter()
-            metrics = train(run.config, resume=True, progress=bar)
+            if config.nproc_per_node > 1:
+                metrics = train_distributed(run.config, config.nproc_per_node)
+            else:
+                if run.config.compile:
+                    # Each run compiles a new model: without a reset the cache fills after a few runs and later
+                    # runs silently go eager, so their wall times would not be comparable.
+                    import torch._dynamo
+
+                    torch._dynamo.reset()
+                metrics = train(run.config, resume=True, progress=bar)
             bar.update(grid, advance=1, status=f"{run.name}: top1 {metrics['top1']:.2f}% "
                                                f"({time.perf_counter() - started:.0f} s)")
             collect_results(config, runs)

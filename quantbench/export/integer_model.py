@@ -20,7 +20,7 @@ from quantbench.qat import quantized_layers
 from quantbench.training.rebuild import first_test_batch, load_run
 from quantbench.utils.modules import accuracy, replace_submodule
 
-PATHS = ("fake", "integer")
+PATHS = ("fake", "integer", "onnx")
 
 
 
@@ -195,7 +195,7 @@ def compare_models(fake_model: nn.Module, int_model: nn.Module, loader: DataLoad
     return stats, fake, integer, torch.cat(labels)
 
 
-def evaluate_paths(run_dir: str | Path, paths: tuple[str, ...] = PATHS, export: str | Path | None = None,
+def evaluate_paths(run_dir: str | Path, paths: tuple[str, ...] = ("fake", "integer"), export: str | Path | None = None,
                    data_dir: str | None = None, batch_size: int = 256) -> dict[str, Any]:
     """``quantbench evaluate``: top-1/top-5 of the fake-quantized and/or integer path on the whole test set; with
     both, how closely they agree (:func:`compare_models`). ``run_dir`` may also be an export file (integer path
@@ -206,6 +206,12 @@ def evaluate_paths(run_dir: str | Path, paths: tuple[str, ...] = PATHS, export: 
     for path in paths:
         if path not in PATHS:
             raise QuantbenchError(f"--path must be one of {', '.join(PATHS)}, got {path!r}")
+    if "onnx" in paths:  # ONNX Runtime (quantbench.export.onnx), alone or compared with the fake path
+        from quantbench.export.onnx import evaluate_onnx
+
+        if "integer" in paths:
+            raise QuantbenchError("--compare pairs the fake path with one other: --path integer or --path onnx")
+        return evaluate_onnx(run_dir, compare="fake" in paths, export=export, data_dir=data_dir, batch_size=batch_size)
     source = Path(run_dir)
     if not source.exists():
         raise QuantbenchError(f"{run_dir}: no such run directory or export file")

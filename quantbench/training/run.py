@@ -25,7 +25,7 @@ import random
 import subprocess
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from quantbench.data import create_dataset
 from quantbench.errors import QuantbenchError
 from quantbench.models import create_model
 from quantbench.qat import QuantConfig, layer_table, model_size_bits, plan_from_layer_table, quantize_
+from quantbench.qat_bnfold import apply_bn_mode, set_bn_frozen
 from quantbench.training import distributed
 from quantbench.training.distributed import Context, launched_context, train_loader
 from quantbench.training.loop import Trainer, evaluate, make_optimizer, seed_everything, train_one_epoch
@@ -142,6 +143,7 @@ def build_model(config: TrainConfig, data: Any, sample_input: torch.Tensor | Non
         quant = QuantConfig(config.quantizer, config.bits, config.first_last_bits, config.quantizer_options,
                             config.weight_options, config.activation_options)
         quantize_(model, quant, sample_input, plan=plan_from_layer_table(layer_table) if layer_table else None)
+    apply_bn_mode(model, config)  # --bn fold: conv-BN pairs folded before weight quantization (quantbench.qat_bnfold)
     if quantized_state:
         _load(model, state, config)
     return model, teacher
@@ -163,8 +165,14 @@ def new_progress(enabled: bool = True) -> Progress:
 
 
 def _recipe(config: dict[str, Any]) -> dict[str, Any]:
-    """The config minus what only changes speed (threads, workers): a run may resume with other values of these."""
-    return {key: value for key, value in config.items() if key not in ("threads", "workers")}
+    """The config minus what only changes speed (threads, workers): a run may resume with other values of these.
+
+    An option a saved config lacks was added to quantbench after the run, which ran with its default; ``auto`` and
+    the device it picks are the same setting."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    recipe = {key: value for key, value in {**defaults, **config}.items() if key not in ("threads", "workers")}
+    recipe["device"] = resolve_device(recipe["device"]).type
+    return recipe
 
 
 def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None,
@@ -198,7 +206,7 @@ def _check_same_recipe(out: Path, config: TrainConfig) -> None:
     """A finished run is reused only for the config that made it: never a silent result for other settings."""
     saved = json.loads((out / "config.json").read_text())["train"] if (out / "config.json").exists() else None
     if saved is not None and _recipe(saved) != _recipe(asdict(config)):
-        changed = sorted(k for k in _recipe(asdict(config)) if saved.get(k) != asdict(config)[k])
+        changed = sorted(k for k, value in _recipe(asdict(config)).items() if _recipe(saved).get(k) != value)
         raise QuantbenchError(
             f"{out} holds a finished run with different settings ({', '.join(changed)}); use another --out"
         )
@@ -324,6 +332,7 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
             task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, status="")
             status = lambda done, loss, top1: bar.update(task, completed=done, status=f"loss {loss:.3f} acc {top1:.1f}%")  # noqa: E731
             loader.sampler.set_epoch(epoch)
+            set_bn_frozen(model, config, epoch)  # --bn fold: BN statistics frozen from --freeze-bn-epoch on
             train_metrics = train_one_epoch(trainer, loader, epoch, on_step=first_step_layer_table, progress=status)
             if main:  # rank 0 alone evaluates the full test set, once
                 metrics = evaluate(model if context.is_distributed else trainer.forward, test_loader, device)

@@ -64,10 +64,12 @@ def _settings_from_env() -> KernelSettings:
 
 _settings = _settings_from_env()
 _compiled: dict[Callable, Callable] = {}
-_compiled_ok: set[Callable] = set()  # kernels that ran compiled at least once
+# Keyed by (kernel, device type): a CPU without a C++ compiler says nothing about Triton on the GPU, and back.
+_compiled_ok: set[tuple[Callable, str]] = set()  # kernels that ran compiled at least once on that device type
 #: kernels that stopped compiling (recompile limit, compiler error): they run eagerly for the rest of the process
-_eager_only: set[Callable] = set()
-_compile_failure: str | None = None  # set when compiling never worked at all (no compiler / Triton): all eager
+_eager_only: set[tuple[Callable, str]] = set()
+#: device type -> why compiling never worked there at all (no C++ compiler / Triton): every kernel eager there
+_compile_failure: dict[str, str] = {}
 
 
 def kernel_settings() -> KernelSettings:
@@ -158,19 +160,25 @@ def above(x: Tensor) -> Tensor:
 
 
 def _compilable(kernel: Callable, tensors: tuple[Tensor, ...]) -> bool:
-    if _settings.backend not in _FAST_BACKENDS or _compile_failure is not None or kernel in _eager_only:
+    first = tensors[0]
+    device = first.device.type
+    if _settings.backend not in _FAST_BACKENDS or device in _compile_failure or (kernel, device) in _eager_only:
         return False
     if torch.compiler.is_compiling():
         return False
-    first = tensors[0]
-    if first.numel() < _settings.min_numel:
+    if first.numel() < _settings.min_numel or not _dense(first):
         return False
     return all(
         type(t) in _PLAIN_TENSOR_TYPES  # not FakeTensor or other subclasses (tracing, meta): those run eagerly
-        and t.dtype == first.dtype and t.dtype in _KERNEL_DTYPES and t.shape == first.shape and t.is_contiguous()
-        and t.device == first.device and t.device.type in _KERNEL_DEVICES
+        and t.dtype == first.dtype and t.dtype in _KERNEL_DTYPES and t.shape == first.shape
+        and t.stride() == first.stride() and t.device == first.device and t.device.type in _KERNEL_DEVICES
         for t in tensors
     )
+
+
+def _dense(tensor: Tensor) -> bool:
+    """Every element once, no gaps: contiguous, or channels_last (an elementwise kernel may run in memory order)."""
+    return tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last))
 
 
 def _flat(tensor: Tensor) -> Tensor:
@@ -199,7 +207,6 @@ def run_kernel(kernel: Callable, tensors: tuple[Tensor, ...], *scalars: Any) -> 
     a compiled kernel as 0-d tensors). Input-sized results come back in the input's shape. A compile or recompile
     failure at any point warns once and runs this kernel eagerly from then on.
     """
-    global _compile_failure
     if not _compilable(kernel, tensors):
         return kernel(*tensors, *scalars)
     flat = [_flat(t) for t in tensors]
@@ -209,10 +216,13 @@ def run_kernel(kernel: Callable, tensors: tuple[Tensor, ...], *scalars: Any) -> 
         if compiled is None:
             compiled = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
         result = compiled(*flat, *rest)
+    except torch.OutOfMemoryError:
+        raise  # a real error of this run, not a compiler problem: running eagerly would hide it
     except Exception as error:  # noqa: BLE001 - no compiler / Triton, a recompile limit, an inductor bug: stay eager
-        _eager_only.add(kernel)
-        if not _compiled_ok:  # nothing ever compiled here (no C++ compiler, no Triton): every kernel stays eager
-            _compile_failure = _first_line(error)
+        device = tensors[0].device.type
+        _eager_only.add((kernel, device))
+        if not any(done == device for _, done in _compiled_ok):  # nothing ever compiled on this device type
+            _compile_failure[device] = _first_line(error)
         warnings.warn(
             f"quantbench could not compile its fused quantizer kernel {kernel.__name__} ({_first_line(error)}); "
             "running it eagerly (slower, same results; set QUANTBENCH_KERNELS=eager to silence this)",
@@ -220,8 +230,8 @@ def run_kernel(kernel: Callable, tensors: tuple[Tensor, ...], *scalars: Any) -> 
             stacklevel=3,
         )
         return kernel(*tensors, *scalars)
-    _compiled_ok.add(kernel)
-    shape = tensors[0].shape
+    _compiled_ok.add((kernel, tensors[0].device.type))
+    shape, stride = tensors[0].shape, tensors[0].stride()  # results in the operands' memory order (channels_last too)
     if isinstance(result, tuple):
-        return tuple(r.view(shape) if r.dim() == 1 else r for r in result)
-    return result.view(shape)
+        return tuple(r.as_strided(shape, stride) if r.dim() == 1 else r for r in result)
+    return result.as_strided(shape, stride)
