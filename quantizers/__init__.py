@@ -2,14 +2,15 @@
 
     import quantizers
     q = quantizers.create("lsq", bits=2, signed=False)   # an nn.Module
-    quantizers.available()                                # ['fixed', 'lsq', 'pact', 'qil', ...plugins]
+    quantizers.available()                                # ['apot', 'dorefa', ..., 'tqt', ...plugins]
 
 Write your own in one file: subclass ``Quantizer``, build ``quantize`` from ``round_ste`` / ``stop_gradient`` /
 ``scale_grad``, decorate with ``@quantizers.register("name")`` and load it with ``--plugin your_file.py``.
 ``quantizers.conformance.check_quantizer("name")`` checks it against finite differences.
 
 Layout: ``base`` (the contract), ``registry``, ``ste`` (the straight-through primitives: the plugin API),
-``integer`` (``IntegerSpec``), ``conformance`` (the kit), one file per family (``lsq``, ``qil``, ``pact``, ``fixed``)
+``integer`` (``IntegerSpec``), ``conformance`` (the kit), one file per family (``lsq``, ``qil``, ``pact``, ``fixed``, ``lsq_plus``, ``dsq``, ``apot``,
+``ewgs``, ``n2uq``, ``tqt``, ``dorefa``)
 and ``kernels/`` (the fused ops, their C and compiled kernels, and the switch that picks one).
 """
 
@@ -20,7 +21,7 @@ from .registry import ENTRY_POINT_GROUP, PLUGIN_ENV_VAR, available, create, get,
 from .ste import record_surrogate, replay_surrogate, round_ste, scale_grad, stop_gradient
 
 # Built-in quantizers register themselves on import (one file per family).
-from . import fixed, lsq, pact, qil  # noqa: E402,F401  isort: skip
+from . import apot, dorefa, dsq, ewgs, fixed, lsq, lsq_plus, n2uq, pact, qil, tqt  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Quantizer",

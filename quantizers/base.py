@@ -46,6 +46,9 @@ class Quantizer(nn.Module):
     registry_name: ClassVar[str] = ""
     #: one line shown by ``quantbench list``; defaults to the first line of the class docstring
     description: ClassVar[str] = ""
+    #: True when the backward depends on the upstream gradient's sign or size (EWGS): the conformance kit then checks
+    #: the gradient against the surrogate recorded during a backward pass instead of a fixed one.
+    upstream_dependent_gradient: ClassVar[bool] = False
     #: False (on the class or an instance) when re-quantizing the quantizer's own output is not the identity
     #: (DoReFa's tanh warp); the conformance kit then reports idempotence as not applicable instead of failing it.
     idempotent: bool = True
@@ -139,6 +142,13 @@ class Quantizer(nn.Module):
                 "quantizers.integer) or keep its layers in full precision"
             )
         return spec_from_levels(self.levels(), self.registry_name or type(self).__name__)
+
+    def gradient_count(self, v: Tensor) -> int:
+        """How many elements a gradient sum over ``v`` covers: ``v.numel()``, times the data-parallel world size for
+        activations (a rank sees only its share of the global batch; weights are the same tensor on every rank).
+        LSQ-style gradient scales use it, so a G-process run scales like the 1-process run with the same batch."""
+        count = max(1, v.numel())
+        return count * data_parallel_size() if self.role == "activation" else count
 
     def options(self) -> dict[str, Any]:
         """The options this quantizer was built with (recorded in run metadata): every ``__init__`` keyword argument

@@ -15,6 +15,12 @@ weights, unsigned activations, signed activations), on Hypothesis-generated tens
 * ``gradients``: autograd gradients w.r.t. the input and every learnable parameter equal central finite differences
   of the quantizer's straight-through surrogate (see ``quantizers.ste``), in float64, on tensors placed by
   ``set_step(s)`` and kept at least 0.05 steps away from rounding ties and from the clip edges.
+
+  A quantizer whose backward depends on the upstream gradient itself (EWGS scales each element's gradient by the
+  sign of its upstream gradient) has no single surrogate: it declares ``upstream_dependent_gradient = True`` and
+  builds, under the tape, pieces that a backward pass fills in (e.g. that sign, via a tensor hook). The kit then
+  records its surrogate with autograd on and back-propagates the *same* loss once before replaying it, so the
+  finite differences are those of the surrogate for the upstream gradient autograd sees.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from hypothesis import strategies as st
 
 import quantizers
 from quantizers import Quantizer, record_surrogate, replay_surrogate
+from quantizers.ste import SurrogateTape
 
 from .conformance_report import CHECKS, CheckResult, Report
 
@@ -284,9 +291,9 @@ def _check_gradients(build: Factory, bits: int, signed: bool, role: str) -> Call
         autograd = torch.autograd.grad(loss(leaf), [leaf] + [p for _, p in learnable], allow_unused=True)
         autograd = [torch.zeros_like(t) if g is None else g for g, t in zip(autograd, [leaf] + [p for _, p in learnable])]
 
-        # the surrogate: straight-through pieces frozen at this point
-        with torch.no_grad(), record_surrogate() as tape:
-            recorded = quantizer(values)
+        # the surrogate: straight-through pieces frozen at this point (and, for a gradient that depends on the
+        # upstream gradient, filled in by one backward pass of the same loss)
+        recorded, tape = _record_surrogate(quantizer, values, weights, [p for _, p in learnable])
         with torch.no_grad():
             plain = quantizer(values)
         assert torch.allclose(recorded, plain, rtol=1e-12, atol=1e-12 * step), (
@@ -332,6 +339,21 @@ def _check_gradients(build: Factory, bits: int, signed: bool, role: str) -> Call
                 compare(name, float(auto.reshape(-1)[index]), plus, minus, h, f"{name}={original:.6g}, step={step:.4g}")
 
     return body
+
+
+def _record_surrogate(quantizer: Quantizer, values: torch.Tensor, weights: torch.Tensor,
+                      parameters: list[torch.nn.Parameter]) -> tuple[torch.Tensor, SurrogateTape]:
+    """The forward at ``values`` under a fresh surrogate tape, and the tape. For a quantizer declaring
+    ``upstream_dependent_gradient``, recorded with autograd on and back-propagated once through the loss
+    ``sum(output * weights)``, so that pieces depending on the upstream gradient are filled in."""
+    if not getattr(quantizer, "upstream_dependent_gradient", False):
+        with torch.no_grad(), record_surrogate() as tape:
+            return quantizer(values), tape
+    leaf = values.clone().requires_grad_(True)
+    with record_surrogate() as tape:
+        output = quantizer(leaf)
+        torch.autograd.grad((output * weights).sum(), [leaf] + parameters, allow_unused=True)
+    return output.detach(), tape
 
 
 PROPERTY_CHECKS = {"grid": _check_grid, "idempotent": _check_idempotent, "gradients": _check_gradients}

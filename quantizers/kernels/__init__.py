@@ -2,6 +2,7 @@
 the input and the scalar parameters) and the switch that chooses how they run (:mod:`.dispatch`).
 
 * ``lsq_quantize(v, step, qn, qp, g)``: LSQ (equations 1-3 and 5; also the fixed-step baselines);
+  ``lsq_quantize_per_channel`` the same with one step per output channel (eager bodies: weights only);
 * ``pact_quantize(v, alpha, qp, signed)``: PACT's clip quantizer (alpha not differentiated inside the step);
 * ``dorefa_quantize(w, scale, n, detach_max)``: DoReFa weights (tanh, max, 2 q_k(.) - 1);
 * ``qil_quantize(v, prune, clip, distance, gamma, q, signed, out_scale)``: QIL's transformer and discretizer.
@@ -14,7 +15,7 @@ rounding (``tests/quantizers/kernels``).
 
 from .dispatch import BACKENDS, KernelSettings, kernel_settings, kernels, reference_active, set_kernels
 from .dorefa import dorefa_quantize
-from .lsq import lsq_quantize
+from .lsq import lsq_quantize, lsq_quantize_per_channel
 from .pact import pact_quantize
 from .qil import qil_quantize
 
@@ -26,6 +27,7 @@ __all__ = [
     "set_kernels",
     "reference_active",
     "lsq_quantize",
+    "lsq_quantize_per_channel",
     "pact_quantize",
     "dorefa_quantize",
     "qil_quantize",

@@ -110,3 +110,48 @@ def lsq_quantize(v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float = 
     gradient only. ``step`` must be positive (callers guard it).
     """
     return _LSQQuantize.apply(v, step, float(-qn), float(qp), float(grad_scale))
+
+
+# ---- per-channel steps (weights: one step per output channel, axis 0) ------------------------------------------------
+# The native and compiled kernels take one scalar step; per-channel steps run these eager bodies instead. They are
+# only used for weight tensors (small next to activations), so an eager pass of a few elementwise ops each way is
+# cheap; like the scalar op it saves only the input and the steps.
+
+
+def channel_view(step: Tensor, v: Tensor) -> Tensor:
+    """``step`` (one value per channel of ``v``'s axis 0) shaped to broadcast against ``v``."""
+    return step.reshape((-1,) + (1,) * (v.dim() - 1))
+
+
+class _LSQQuantizePerChannel(torch.autograd.Function):
+    """LSQ with ``step[c]`` for channel ``c`` of axis 0: eq. 1-2 forward, eq. 3 and 5 backward summed per channel."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, step: Tensor, lo: float, hi: float, grad_scale: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(v, step)
+        ctx.lo, ctx.hi, ctx.grad_scale = lo, hi, grad_scale
+        return _lsq_forward_kernel(v, channel_view(step, v), lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        v, step = ctx.saved_tensors
+        grad_v, terms = _lsq_backward_terms(grad, v, channel_view(step, v), ctx.lo, ctx.hi)
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            per_channel = terms.sum(dim=tuple(range(1, v.dim()))) if v.dim() > 1 else terms
+            grad_step = param_grad(per_channel * ctx.grad_scale, step)
+        return (grad_v if ctx.needs_input_grad[0] else None), grad_step, None, None, None
+
+
+def _lsq_per_channel_reference(v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float = 1.0) -> Tensor:
+    return _lsq_reference(v, channel_view(step, v), qn, qp, grad_scale)
+
+
+@fused_op(_lsq_per_channel_reference)
+def lsq_quantize_per_channel(v: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float = 1.0) -> Tensor:
+    """:func:`lsq_quantize` with one step per channel of axis 0 (``step`` has ``v.shape[0]`` elements, positive);
+    ``grad_scale`` multiplies every channel's step gradient."""
+    if v.dim() == 0 or step.numel() != v.shape[0]:
+        raise ValueError(f"per-channel LSQ needs one step per channel of axis 0: {step.numel()} steps for shape "
+                         f"{tuple(v.shape)}")
+    return _LSQQuantizePerChannel.apply(v, step, float(-qn), float(qp), float(grad_scale))

@@ -30,13 +30,14 @@ def readme_plugin_example() -> str:
 
 
 def test_builtins_are_registered_with_descriptions() -> None:
-    assert {"lsq", "qil", "pact", "fixed"} <= set(quantizers.available())
-    for name in ("lsq", "qil", "pact", "fixed"):
+    builtins = {"lsq", "qil", "pact", "fixed", "lsq_plus", "dsq", "apot", "ewgs", "n2uq", "tqt", "dorefa"}
+    assert builtins <= set(quantizers.available())
+    for name in builtins:
         assert quantizers.get(name).description
 
 
 def test_unknown_name_lists_available() -> None:
-    with pytest.raises(QuantizerError, match=r"unknown quantizer 'nope'; available: (.*, )?fixed, lsq, pact, qil"):
+    with pytest.raises(QuantizerError, match=r"unknown quantizer 'nope'; available: (.*, )?fixed, lsq, (.*, )?pact, qil(, .*)?"):
         quantizers.create("nope", bits=2, signed=False)
 
 
@@ -123,7 +124,8 @@ def test_plugin_that_does_not_import_is_one_clear_line(tmp_path: Path) -> None:
 def test_cli_bad_input_is_one_line() -> None:
     unknown = run_cli("check", "nope")
     assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
-        "error: unknown quantizer 'nope'; available: fixed, lsq, pact, qil (load your own with --plugin MODULE)"
+        "error: unknown quantizer 'nope'; available: apot, dorefa, dsq, ewgs, fixed, lsq, lsq_plus, n2uq, pact, qil, tqt "
+        "(load your own with --plugin MODULE)"
     ]
     bits = run_cli("check", "lsq", "--bits", "1")
     assert bits.returncode == 2 and "bits=1 is out of range: choose 2..16" in bits.stderr
