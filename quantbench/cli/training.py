@@ -26,6 +26,7 @@ def compare_command(
     lr: Annotated[Optional[str], typer.Option(help="LR, or a comma-separated sweep (default: the paper's by bits).")] = None,
     weight_decay: Annotated[Optional[str], typer.Option(help="Weight decay, or a sweep (default: the paper's).")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="cosine, step, or both: cosine,step.")] = None,
+    bn: Annotated[Optional[str], typer.Option(help="BatchNorm after quantized convs: float (paper), fold, or both: float,fold.")] = None,
     first_last_bits: Annotated[Optional[str], typer.Option(help="Bits of first/last layers, or 'fp'.")] = None,
     set_option: Annotated[
         Optional[list[str]], typer.Option("--set", help="Quantizer option sweep NAME.KEY=V1[,V2...] (repeatable).")
@@ -52,7 +53,8 @@ def compare_command(
     from quantbench.comparison.report import table1_markdown, write_report
 
     quantizers.load_plugins(plugin or [])
-    numbers = {"lr": csv_list(lr, float), "weight_decay": csv_list(weight_decay, float), "schedule": csv_list(schedule)}
+    numbers = {"lr": csv_list(lr, float), "weight_decay": csv_list(weight_decay, float), "schedule": csv_list(schedule),
+               "bn": csv_list(bn)}
     flags: dict[str, Any] = {
         "dataset": dataset, "model": model, "quantizers": csv_list(quantizer_names), "bits": csv_list(bits, int),
         "seeds": csv_list(seeds, int), "epochs": epochs, "fp_epochs": fp_epochs, "batch_size": batch_size,

@@ -35,7 +35,7 @@ from quantbench.training.run import train
 from quantbench.utils.io import write_csv, write_json
 
 #: train-level options that may be given as lists (one run per value)
-TRAIN_SWEEPS = ("lr", "weight_decay", "schedule")
+TRAIN_SWEEPS = ("lr", "weight_decay", "schedule", "bn")
 QIL_PROGRESSIVE_BITS = (5, 4, 3, 2)  # the QIL paper's progressive fine-tuning chain, starting from full precision
 
 #: the quick preset: bundled digits data, every built-in quantizer, two seeds, well under 3 minutes on 2 cores

@@ -192,10 +192,13 @@ def broadcast_state(model: nn.Module, context: Context) -> None:
 
 
 def ranks_agree(model: nn.Module, context: Context) -> bool:
-    """Whether every quantizer parameter and buffer is bit-identical on every rank (all-gathered and compared)."""
+    """Whether every quantizer's state (its ``state_dict``: parameters and persistent buffers) is bit-identical on
+    every rank (all-gathered and compared). Non-persistent buffers are forward-side caches (e.g. the scale of the
+    latest forward, which rank 0's evaluation refreshes), not state."""
     if not context.is_distributed:
         return True
-    tensors = [t.detach().reshape(-1).double() for q in quantizers_of(model) for t in [*q.parameters(), *q.buffers()]]
+    tensors = [t.detach().reshape(-1).double() for q in quantizers_of(model) for t in q.state_dict().values()
+               if isinstance(t, Tensor)]
     if not tensors:
         return True
     state = torch.cat(tensors)

@@ -129,3 +129,15 @@ def test_fold_trains_evaluates_and_exports_to_onnx_without_batchnorm(tmp_path: P
     results = evaluate_paths(run_dir, paths=("fake", "onnx"))
     assert results["comparison"]["predictions_differing"] == 0 and results["comparison"]["images"] == 360
     assert results["fake"]["top1"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["top1"])
+
+
+def test_compare_sweeps_bn_like_other_recipe_settings(tmp_path: Path) -> None:
+    from quantbench.comparison.compare import build_config, plan
+
+    config = build_config(None, {"quantizers": ["lsq"], "bits": [2], "seeds": [0], "bn": ["float", "fold"],
+                                 "out": str(tmp_path)})
+    runs = {run.name: run for run in plan(config)}
+    assert runs["fp-seed0"].config.bn == "float"  # the baseline trains the paper's float BN; cells fold from it
+    folded = [run for run in runs.values() if run.config.bn == "fold"]
+    assert len(folded) == 1 and folded[0].row["variant"] == "bn=fold"
+    assert {run.config.bn for run in runs.values() if run.config.quantizer} == {"float", "fold"}

@@ -18,8 +18,15 @@ BITS = (2, 3, 4, 8)
 
 @pytest.mark.parametrize("name", quantizers.available())
 def test_conformance_kit_passes_for_every_registered_quantizer(name: str) -> None:
-    report = check_quantizer(name, examples=25)
+    report = check_quantizer(name, examples=10)
     assert {result.check for result in report.results} >= {"grid", "gradients", "extremes", "state-dict"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", quantizers.available())
+def test_conformance_kit_passes_with_many_examples(name: str) -> None:
+    """What ``quantbench check NAME`` runs (25 examples per check and configuration), deeper than the CI test."""
+    check_quantizer(name, examples=25)
 
 
 # ---- LSQ equations -------------------------------------------------------------------------------------------------
