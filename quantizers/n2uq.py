@@ -144,9 +144,11 @@ class N2UQ(Quantizer):
     # ---- interface -----------------------------------------------------------------------------------------------
 
     def levels(self) -> Tensor:
-        codes = torch.arange(self.lowest, self.lowest + self.cells + 1, dtype=torch.float64)
+        # built on the state's device: a CPU grid times a CUDA parameter would fail at the first layer table
+        device = self.last_scale.device if self.weights else self.out_step.device
+        codes = torch.arange(self.lowest, self.lowest + self.cells + 1, dtype=torch.float64, device=device)
         if self.weights:
-            unit = 2 * torch.arange(self.cells + 1, dtype=torch.float64) / self.cells - 1
+            unit = 2 * torch.arange(self.cells + 1, dtype=torch.float64, device=device) / self.cells - 1
             scales = self.last_scale.double().reshape(-1, 1)
             return torch.unique((unit * scales).reshape(-1)).to(self.last_scale.dtype)
         return codes.to(self.out_step.dtype) * self.out_step.detach().abs()
