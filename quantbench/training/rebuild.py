@@ -36,8 +36,10 @@ def read_train_config(run_dir: str | Path) -> Any:
         raise QuantbenchError(f"{run_dir}: not a quantbench run directory (no config.json); give a `quantbench train --out` directory")
     recorded = json.loads(path.read_text()).get("train", {})
     known = {f.name for f in fields(TrainConfig)}
-    # rebuilt for CPU analysis, whatever device it trained on
-    return TrainConfig(**{key: value for key, value in recorded.items() if key in known and key != "device"})
+    # Rebuilt on the CPU for analysis and integer inference, whatever device it trained on: the integer path
+    # multiplies int32/int64 matrices, which CUDA does not implement (gpu-readiness item 4).
+    values = {key: value for key, value in recorded.items() if key in known}
+    return TrainConfig(**{**values, "device": "cpu", "sync_bn": False})
 
 
 def read_layer_table(run_dir: str | Path) -> list[dict[str, Any]] | None:
