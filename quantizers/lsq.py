@@ -67,6 +67,18 @@ class PerChannelStep:
 
     step_size: Tensor
     per_channel: bool
+    activation_n: str  # LSQ-family options read by gradient_n (fixed, which learns nothing, never calls it)
+    channel_n: str
+
+    def gradient_n(self, v: Tensor) -> int:
+        """N in g = 1/sqrt(N*Qp): the number of terms summed into this step's gradient (see module docstring);
+        reads the LSQ-family options ``activation_n`` and ``channel_n``."""
+        if self.role == "activation" and self.activation_n == "sample" and v.dim() > 1:
+            return max(1, v.numel() // v.shape[0])
+        channels = self.channels_of(v)
+        if channels and self.channel_n == "channel":
+            return max(1, v.numel() // channels)
+        return self.gradient_count(v)  # activations: the global batch under torch.distributed
 
     def channels_of(self, v: Tensor) -> int | None:
         """The channel count to use for ``v``: axis 0 for a per-channel quantizer and a tensor of 2+ dimensions."""
@@ -136,15 +148,6 @@ class LSQ(PerChannelStep, Quantizer):
         self.step_size = nn.Parameter(torch.tensor(1.0))
         #: N used for the gradient scale on the latest forward (reported in layer tables)
         self.last_n: int | None = None
-
-    def gradient_n(self, v: Tensor) -> int:
-        """N in g = 1/sqrt(N*Qp): the number of terms summed into this step's gradient (see module docstring)."""
-        if self.role == "activation" and self.activation_n == "sample" and v.dim() > 1:
-            return max(1, v.numel() // v.shape[0])
-        channels = self.channels_of(v)
-        if channels and self.channel_n == "channel":
-            return max(1, v.numel() // channels)
-        return self.gradient_count(v)  # activations: the global batch under torch.distributed
 
     def initialize(self, v: Tensor) -> None:
         if self.channels_of(v) is None:

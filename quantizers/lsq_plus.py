@@ -109,14 +109,6 @@ class LSQPlus(PerChannelStep, Quantizer):
     def effective_step(self) -> Tensor:
         return self.step_size.abs().clamp_min(self.min_step)  # kept positive, as quantbench's LSQ
 
-    def gradient_n(self, v: Tensor) -> int:
-        if self.role == "activation" and self.activation_n == "sample" and v.dim() > 1:
-            return max(1, v.numel() // v.shape[0])
-        channels = self.channels_of(v)
-        if channels and self.channel_n == "channel":
-            return max(1, v.numel() // channels)
-        return self.gradient_count(v)  # activations: the global batch under torch.distributed
-
     # ---- forward -------------------------------------------------------------------------------------------------
 
     def quantize(self, v: Tensor) -> Tensor:
