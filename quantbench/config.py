@@ -103,6 +103,10 @@ class TrainConfig:
     max_train_batches: int | None = _doc(None, "a smoke-test cap on batches per epoch (recorded; never a default)")
     bn: str = _doc("float", "BatchNorm after a conv: float (paper: a float op) or fold (folded into the conv before weight quantization)")
     freeze_bn_epoch: int | None = _doc(None, "with --bn fold, freeze BN statistics from this epoch (0-based) on; None: never")
+    dynamics_every: int = _doc(50, "record quantizer dynamics (ranges, clipping, oscillation) to dynamics.csv every N steps; 0: off")
+    oscillation_dampen: float = _doc(0.0, "oscillation dampening lambda (Nagel et al. 2022), cosine-annealed from 0; 0: off")
+    oscillation_freeze: float = _doc(0.0, "freeze weights whose oscillation frequency exceeds this (e.g. 0.02; Nagel et al. 2022); 0: off")
+    tensorboard: bool = _doc(False, "also write loss, accuracy, LR and dynamics to TensorBoard event files in the run directory")
 
     def __post_init__(self) -> None:
         if (self.quantizer is None) != (self.bits is None):
@@ -134,6 +138,7 @@ class TrainConfig:
             raise QuantbenchError(f"--freeze-bn-epoch must be an epoch number (0 or more), got {self.freeze_bn_epoch!r}")
         if self.sync_bn and self.bn == "fold":
             raise QuantbenchError("--sync-bn does not synchronize folded BatchNorms yet; use --bn float with --sync-bn")
+        check_dynamics(self)
 
     @staticmethod
     def doc(name: str) -> str:
@@ -166,6 +171,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_dynamics(config: TrainConfig) -> None:
+    """``dynamics_every`` and the oscillation remedies, or the one-line error."""
+    every = config.dynamics_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise QuantbenchError(f"--dynamics-every must be a number of steps (0 turns recording off), got {every!r}")
+    for name in ("oscillation_dampen", "oscillation_freeze"):
+        value = getattr(config, name)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise QuantbenchError(f"{flag} must be a number of at least 0 (0 turns it off), got {value!r}")
+        if value and config.quantizer is None:
+            raise QuantbenchError(f"{flag} needs a quantized run: give --quantizer and --bits")
+    if config.oscillation_freeze > 1:
+        raise QuantbenchError(f"--oscillation-freeze is a frequency threshold in (0, 1], e.g. 0.02; got {config.oscillation_freeze}")
 
 
 def check_device(device: str) -> str:

@@ -43,12 +43,21 @@ def compare_command(
     fp_from: Annotated[
         Optional[str], typer.Option(help="Reuse the full-precision baselines of another comparison directory.")
     ] = None,
+    cell_workers: Annotated[Optional[int], typer.Option("--workers", help="Cells trained at once on this machine by worker processes, cores split between them unless --threads (config key cell_workers; default: 2 for the quick preset, else 1: in this process).")] = None,
+    launcher: Annotated[Optional[str], typer.Option(help="workers (this machine), local (submitit's local executor) or slurm (submitit: one array task per cell; returns once submitted).")] = None,
+    slurm_partition: Annotated[Optional[str], typer.Option(help="Slurm partition.")] = None,
+    slurm_time: Annotated[Optional[str], typer.Option(help="Slurm time limit per cell: minutes or [D-]HH:MM:SS (requeued from its last epoch when it runs out).")] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option(help="GPUs per cell; G > 1: the cell is a G-process torchrun job.")] = None,
+    slurm_array_parallelism: Annotated[Optional[int], typer.Option(help="At most this many cells of an array run at once.")] = None,
+    slurm_option: Annotated[Optional[list[str]], typer.Option(help="Any other submitit/sbatch setting KEY=VALUE, e.g. qos=high (repeatable).")] = None,
     plugin: PluginOption = None,
 ) -> None:
     """Train every quantizer under one recipe over bits and seeds (resumable), then write the report."""
     from rich.markdown import Markdown
 
-    from quantbench.comparison.compare import build_config, run_compare
+    from quantbench.comparison.compare import QUICK_PRESET_WORKERS, build_config, run_compare
+    from quantbench.comparison.grid import failed_cells, slurm_settings
+    from quantbench.comparison.submit import parse_options
     from quantbench.config import load_config_file
     from quantbench.comparison.report import table1_markdown, write_report
 
@@ -60,21 +69,35 @@ def compare_command(
         "seeds": csv_list(seeds, int), "epochs": epochs, "fp_epochs": fp_epochs, "batch_size": batch_size,
         "qil_progressive": qil_progressive, "data_dir": data_dir, "threads": threads, "compile": compile_model,
         "max_train_batches": max_train_batches, "out": out, "set": parse_set(set_option) or None,
-        "fp_from": fp_from, "nproc_per_node": nproc_per_node,
+        "fp_from": fp_from, "nproc_per_node": nproc_per_node, "launcher": launcher,
+        "cell_workers": cell_workers if cell_workers is not None or config_file or (nproc_per_node or 1) > 1
+        else QUICK_PRESET_WORKERS,  # the quick preset alone: parallel workers (measured faster, README)
     }
     for key, values in numbers.items():
         flags[key] = None if values is None else values if len(values) > 1 else values[0]
     flags["first_last_bits"] = first_last_bits  # "fp" (full precision) is resolved by build_config
     file_values = load_config_file(config_file) if config_file else None
+    flags["slurm"] = slurm_settings(file_values, slurm_partition, slurm_time, gpus_per_node, slurm_array_parallelism,
+                                    parse_options(slurm_option))  # [slurm] of the file, then these flags, key by key
     config = build_config(file_values, flags)
     try:
-        results = run_compare(config, console=console)
+        results = run_compare(config, console=console, plugins=plugin)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished runs are kept; re-run the same command to continue ({config.out})")
         raise typer.Exit(130) from None
-    report = write_report(config.out)
-    console.print(Markdown(table1_markdown(results)))
-    console.print(f"report: {escape(str(report))}")
+    if config.launcher == "slurm":
+        console.print(f"follow the grid with: quantbench status {escape(config.out)}; "
+                      f"then quantbench report {escape(config.out)}")
+        return
+    if not results.empty:
+        console.print(Markdown(table1_markdown(results)))
+        console.print(f"report: {escape(str(write_report(config.out)))}")
+    failed = failed_cells(config.out)
+    if failed:  # the other cells finished; the report lists these as missing
+        for name, error in failed:
+            console.print(f"[red]failed[/] {escape(name)}: {escape(error)}")
+        console.print(f"{len(failed)} cell(s) failed (logs in {escape(config.out)}/grid/logs); fix and re-run to train them")
+        raise typer.Exit(1)
 
 
 @app.command("report")
@@ -124,6 +147,10 @@ def train_command(
     compile_model: Annotated[Optional[bool], _train_option("compile", "--compile/--no-compile")] = None,
     threads: Annotated[Optional[int], _train_option("threads")] = None,
     workers: Annotated[Optional[int], _train_option("workers")] = None,
+    dynamics_every: Annotated[Optional[int], _train_option("dynamics_every")] = None,
+    oscillation_dampen: Annotated[Optional[float], _train_option("oscillation_dampen")] = None,
+    oscillation_freeze: Annotated[Optional[float], _train_option("oscillation_freeze")] = None,
+    tensorboard: Annotated[Optional[bool], _train_option("tensorboard", "--tensorboard/--no-tensorboard")] = None,
     set_option: Annotated[
         Optional[list[str]], typer.Option("--set", help="Quantizer option KEY=VALUE for all its quantizers (repeatable).")
     ] = None,
@@ -142,7 +169,8 @@ def train_command(
              "schedule": schedule, "distill": distill, "seed": seed, "data_dir": data_dir, "download": download,
              "device": device, "max_train_batches": max_train_batches, "compile": compile_model, "threads": threads,
              "workers": workers, "out": out, "amp": amp, "sync_bn": sync_bn,
-             "bn": bn, "freeze_bn_epoch": freeze_bn_epoch}
+             "bn": bn, "freeze_bn_epoch": freeze_bn_epoch, "dynamics_every": dynamics_every,
+             "oscillation_dampen": oscillation_dampen, "oscillation_freeze": oscillation_freeze, "tensorboard": tensorboard}
     given = merge(load_config_file(config_file) if config_file else None, flags)
     if set_option:
         name = given.get("quantizer")

@@ -262,6 +262,19 @@ def _history_lines(saved: dict[str, Any]) -> list[str]:
             *[f"- `{entry['command']}` ({entry['started']}, {entry['pending_runs']} runs pending)" for entry in history]]
 
 
+def _missing_lines(source: Path) -> list[str]:
+    """Cells of the grid (grid.json) without a result: failed with their error line, or not finished yet."""
+    from quantbench.comparison.grid import grid_states
+
+    missing = [(cell["name"], state, detail) for cell, state, detail in grid_states(source)
+               if state != "done" and not cell.get("intermediate")]
+    if not missing:
+        return []
+    return ["## Missing cells", "", f"{len(missing)} cell(s) of the grid have no result; the tables above leave them "
+            "out (`quantbench status DIR` shows them live).", "",
+            *[f"- `{name}`: {state}" + (f" ({detail})" if detail else "") for name, state, detail in missing], ""]
+
+
 def _sweep_lines(results: pd.DataFrame, config: dict[str, Any]) -> list[str]:
     sweep = config.get("sweep") or {}
     if not sweep:
@@ -296,6 +309,7 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
         "",
         table1_markdown(results),
         "",
+        *_missing_lines(source),
         *_sweep_lines(results, config),
         "## Paired difference against LSQ",
         "",

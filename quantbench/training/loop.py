@@ -89,6 +89,7 @@ class Trainer:
     amp: str = "off"
     scaler: torch.amp.GradScaler | None = None
     compiled: bool = False
+    extra_loss: Callable[[int], Tensor] | None = None  # step -> a term added to the loss (oscillation dampening)
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -124,6 +125,8 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, on_step: S
                 kd = distillation_loss(logits.float(), teacher_logits.float(), config.distill_temperature)
                 loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
         loss = loss + regularization(model).to(loss.device)
+        if trainer.extra_loss is not None:
+            loss = loss + trainer.extra_loss(step)
         optimizer.zero_grad(set_to_none=True)
         if trainer.scaler is not None:
             trainer.scaler.scale(loss).backward()

@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import random
-import subprocess
 import time
 import warnings
 from dataclasses import MISSING, asdict, fields
@@ -40,52 +38,11 @@ from quantbench.errors import QuantbenchError
 from quantbench.models import create_model
 from quantbench.qat import QuantConfig, layer_table, model_size_bits, plan_from_layer_table, quantize_
 from quantbench.qat_bnfold import apply_bn_mode, set_bn_frozen
-from quantbench.training import distributed
+from quantbench.training import distributed, dynamics as run_dynamics
 from quantbench.training.distributed import Context, launched_context, train_loader
+from quantbench.training.environment import environment, numerics, resolve_amp
 from quantbench.training.loop import Trainer, evaluate, make_optimizer, seed_everything, train_one_epoch
 from quantbench.utils.io import save_torch, write_csv, write_json
-
-def environment() -> dict[str, Any]:
-    import torchvision
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "quantbench": __import__("quantbench").__version__,
-        "git_commit": commit or "unknown",
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def numerics(device: torch.device, amp: str, context: Context) -> dict[str, Any]:
-    """What decides the numbers beyond the config: device, precision, TF32 and determinism flags, world size."""
-    return {
-        "device": str(device),
-        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "amp": amp,
-        "world_size": context.world_size,
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-    }
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto``: bf16 on a CUDA device that supports it, else off; fp16 and bf16 on CPU are allowed when asked for."""
-    if amp != "auto":
-        return amp
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-
 
 def load_state_dict_file(source: str) -> dict[str, torch.Tensor]:
     """A state_dict from a run directory (its model.pt) or a file."""
@@ -170,7 +127,8 @@ def _recipe(config: dict[str, Any]) -> dict[str, Any]:
     An option a saved config lacks was added to quantbench after the run, which ran with its default; ``auto`` and
     the device it picks are the same setting."""
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    recipe = {key: value for key, value in {**defaults, **config}.items() if key not in ("threads", "workers")}
+    recipe = {key: value for key, value in {**defaults, **config}.items()
+              if key not in ("threads", "workers", "dynamics_every", "tensorboard")}  # recording only
     recipe["device"] = resolve_device(recipe["device"]).type
     return recipe
 
@@ -319,12 +277,16 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
                                          "world_size": context.world_size, "amp": amp})
         write_json(out / "environment.json", {**environment(), **numerics(device, amp, context)})
 
+    dynamics = run_dynamics.for_run(model, config, out, trainer, main, start_epoch,
+                                    checkpoint.get("dynamics") if checkpoint is not None else None)
     shared = isinstance(progress, Progress)
     bar = progress if shared else new_progress(bool(progress) and main)
 
     def first_step_layer_table(step: int, *_: Any) -> None:
         if step == 0 and config.quantizer is not None and main:  # steps initialized and N known, before the update
             print_layer_table(write_layer_table(model, out), bar.console, bool(progress) and not shared)
+        if dynamics is not None:
+            dynamics.on_step(step, *_)
 
     with contextlib.nullcontext() if shared else bar:
         for epoch in range(start_epoch, config.epochs):
@@ -341,11 +303,14 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
                 history.append({"epoch": epoch + 1, **train_metrics, **metrics,
                                 "lr_end": trainer.optimizer.param_groups[0]["lr"], "elapsed_s": elapsed})
                 bar.update(task, status=f"test top1 {metrics['top1']:.2f}%")
+                if dynamics is not None:  # rows first: a resume drops rows newer than its checkpoint
+                    dynamics.end_epoch(history[-1], (epoch + 1) * steps_per_epoch)
                 save_torch({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
                             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
                             "rng": torch.get_rng_state(), "python_rng": random.getstate(),
                             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                            "epoch": epoch, "history": history, "elapsed": elapsed, "config": asdict(config)},
+                            "epoch": epoch, "history": history, "elapsed": elapsed, "config": asdict(config),
+                            "dynamics": dynamics.state_dict() if dynamics is not None else None},
                            checkpoint_path)
                 write_csv(out / "epochs.csv", history)
             if shared:
@@ -354,6 +319,8 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
                 return {"interrupted_after_epoch": epoch + 1}
 
+    if dynamics is not None:
+        dynamics.close()
     # A quantizer that updates state outside autograd from its own rank's data would drift apart: say so.
     agree = agree_at_start and distributed.ranks_agree(model, context)
     if not agree and main:
