@@ -97,6 +97,7 @@ class TrainConfig:
     device: str = _doc("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
     amp: str = _doc("auto", "mixed precision: off, bf16, fp16 (with a gradient scaler), or auto: bf16 on CUDA, off on CPU")
     sync_bn: bool = _doc(False, "BatchNorm statistics over the global batch in a multi-process (torchrun) job")
+    channels_last: bool = _doc(False, "NHWC memory format for the model and its inputs (faster convs on recent GPUs)")
     compile: bool = _doc(False, "torch.compile the whole (quantized) model")
     threads: int | None = _doc(None, "torch CPU threads; None: torch's default")
     workers: int = _doc(0, "DataLoader worker processes (0: load in the training process)")

@@ -17,7 +17,7 @@ def compare_command(
     config_file: Annotated[Optional[str], typer.Option("--config", help="TOML file (see experiments/).")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: digits, the quick preset).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model (default: small_cnn).")] = None,
-    quantizer_names: Annotated[Optional[str], typer.Option("--quantizers", help="Comma separated.")] = None,
+    quantizer_names: Annotated[Optional[str], typer.Option("--quantizers", help="Comma separated, or all (every registered quantizer).")] = None,
     bits: Annotated[Optional[str], typer.Option(help="Comma separated, e.g. 2,3,4,8.")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Comma separated, e.g. 0,1.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Quantized fine-tuning epochs.")] = None,
@@ -141,6 +141,7 @@ def train_command(
     device: Annotated[Optional[str], _train_option("device")] = None,
     amp: Annotated[Optional[str], _train_option("amp")] = None,
     sync_bn: Annotated[Optional[bool], _train_option("sync_bn", "--sync-bn/--no-sync-bn")] = None,
+    channels_last: Annotated[Optional[bool], _train_option("channels_last", "--channels-last/--no-channels-last")] = None,
     bn: Annotated[Optional[str], _train_option("bn")] = None,
     freeze_bn_epoch: Annotated[Optional[int], _train_option("freeze_bn_epoch")] = None,
     max_train_batches: Annotated[Optional[int], _train_option("max_train_batches")] = None,
@@ -168,7 +169,7 @@ def train_command(
              "init_from": init_from, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
              "schedule": schedule, "distill": distill, "seed": seed, "data_dir": data_dir, "download": download,
              "device": device, "max_train_batches": max_train_batches, "compile": compile_model, "threads": threads,
-             "workers": workers, "out": out, "amp": amp, "sync_bn": sync_bn,
+             "workers": workers, "out": out, "amp": amp, "sync_bn": sync_bn, "channels_last": channels_last,
              "bn": bn, "freeze_bn_epoch": freeze_bn_epoch, "dynamics_every": dynamics_every,
              "oscillation_dampen": oscillation_dampen, "oscillation_freeze": oscillation_freeze, "tensorboard": tensorboard}
     given = merge(load_config_file(config_file) if config_file else None, flags)

@@ -117,7 +117,7 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     recipe_values = {k: v for k, v in merged.items() if k in train_fields and k not in ("quantizer", "bits")}
     config = CompareConfig(
         recipe=TrainConfig(**recipe_values),
-        quantizers=_as_list(merged["quantizers"]),
+        quantizers=_quantizer_names(merged["quantizers"]),
         bits=[int(b) for b in _as_list(merged["bits"])],
         seeds=[int(s) for s in _as_list(merged["seeds"])],
         fp_epochs=int(merged["fp_epochs"]),
@@ -133,6 +133,12 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     )
     validate(config)
     return config
+
+
+def _quantizer_names(value: Any) -> list[str]:
+    """The grid's quantizers; ``all`` means every registered one (built-ins and loaded plugins)."""
+    names = _as_list(value)
+    return quantizers.available() if names == ["all"] else names
 
 
 def _as_list(value: Any) -> list[Any]:

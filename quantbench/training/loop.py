@@ -114,7 +114,8 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, on_step: S
         step = epoch * trainer.steps_per_epoch + index
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, step, total_steps)
-        images = images.to(trainer.device, non_blocking=True)
+        images = images.to(trainer.device, non_blocking=True,
+                           memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
         labels = labels.to(trainer.device, non_blocking=True)
         with autocast:
             logits = forward(images)

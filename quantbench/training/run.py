@@ -239,7 +239,7 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
     if config.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, config.max_train_batches)
     model, teacher = build_model(config, data, sample_batch(data, config.batch_size))
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
 
     history: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0

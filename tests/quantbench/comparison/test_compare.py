@@ -174,3 +174,10 @@ def test_interrupted_compare_completes_on_rerun_without_redoing_runs(tmp_path: P
     assert len(results) == 1 + 2 * 4 and results["run"].is_unique and results["top1"].notna().all()
     assert json.loads((out / "compare.json").read_text())["runs"] == list(results["run"])
     assert (out / "report.md").is_file()
+
+
+def test_all_means_every_registered_quantizer(tmp_path: Path) -> None:
+    import quantizers
+
+    config = build_config(None, {"quantizers": "all", "out": str(tmp_path)})
+    assert config.quantizers == quantizers.available() and len(config.quantizers) >= 11

@@ -162,3 +162,12 @@ def test_finished_run_is_never_reused_for_other_settings_and_runs_are_locked(tmp
     (tmp_path / "busy" / ".lock").write_text("999999999")  # a dead one: the stale lock is taken over
     assert train(busy, progress=False)["epochs"] == 1
     assert not (tmp_path / "busy" / ".lock").exists()
+
+
+def test_channels_last_trains_a_quantized_model_to_the_same_result(tmp_path: Path) -> None:
+    """--channels-last changes the memory format only: the quantizers' kernels run on NHWC tensors as they are."""
+    common = dict(quantizer="lsq", bits=4, epochs=1, max_train_batches=3, device="cpu")
+    plain = train(quick(tmp_path / "nchw", **common), progress=False)
+    nhwc = train(quick(tmp_path / "nhwc", channels_last=True, **common), progress=False)
+    assert abs(plain["top1"] - nhwc["top1"]) <= 1.0  # conv algorithms differ per layout: float noise, no more
+    assert json.loads((tmp_path / "nhwc" / "config.json").read_text())["train"]["channels_last"] is True
