@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantbench.utils.io import write_json
+from quantbench.utils.io import process_alive, write_json
 
 if TYPE_CHECKING:
     from quantbench.comparison.compare import PlannedRun
@@ -127,17 +127,9 @@ def lock_owner(directory: Path) -> int | None:
         owner = int((directory / ".lock").read_text().strip())
     except (OSError, ValueError):
         return None
-    return owner if _alive(owner) else None
+    return owner if process_alive(owner) else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---- the manifest -------------------------------------------------------------------------------------------------
@@ -195,7 +187,7 @@ def cell_state(out: str | Path, cell: dict[str, Any], manifest: dict[str, Any],
         owner = job if cell.get("launcher") == "local" else str(manifest.get("scheduler_pid") or "")
         if remote and held is not None and job not in held:
             return "failed", f"job {job} left the queue unfinished: {last_log_line(out, cell['name']) or 'no log'}"
-        if remote or (owner.isdigit() and _alive(int(owner))):
+        if remote or (owner.isdigit() and process_alive(int(owner))):
             return "queued", f"job {job}" if job else ""
     return "pending", ""
 

@@ -42,7 +42,7 @@ from quantbench.training import distributed, dynamics as run_dynamics
 from quantbench.training.distributed import Context, launched_context, train_loader
 from quantbench.training.environment import environment, numerics, resolve_amp
 from quantbench.training.loop import Trainer, evaluate, make_optimizer, seed_everything, train_one_epoch
-from quantbench.utils.io import save_torch, write_csv, write_json
+from quantbench.utils.io import process_alive, save_torch, write_csv, write_json
 
 def load_state_dict_file(source: str) -> dict[str, torch.Tensor]:
     """A state_dict from a run directory (its model.pt) or a file."""
@@ -198,13 +198,8 @@ def _run_lock(out: Path):
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
+    """A lock owner that still runs; this process's own pid means a lock it left behind earlier (taken over)."""
+    return process_alive(pid) and pid != os.getpid()
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:

@@ -52,3 +52,14 @@ def save_torch(obj: Any, path: str | Path) -> Path:
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)
     return Path(path)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a lock's owner, a worker): signal 0 checks without signalling."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
