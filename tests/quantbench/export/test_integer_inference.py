@@ -18,23 +18,8 @@ from quantbench.export.integer_model import IntegerLayer, evaluate_paths, intege
 from quantbench.training.rebuild import load_run
 from quantbench.models import create_model
 from quantbench.qat import QuantConfig, quantize_, quantized_layers
-from quantbench.config import TrainConfig
-from quantbench.training.run import train
 
 QUANTIZED = [("lsq", 2), ("lsq", 4), ("fixed", 2), ("qil", 2), ("pact", 2)]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
-    root = tmp_path_factory.mktemp("integer")
-    common = {"dataset": "digits", "model": "small_cnn", "epochs": 1, "threads": 1}
-    train(TrainConfig(out=str(root / "fp"), **common), progress=False)
-    made = {}
-    for name, bits in QUANTIZED:
-        out = root / f"{name}{bits}"
-        train(TrainConfig(out=str(out), quantizer=name, bits=bits, init_from=str(root / "fp"), **common), progress=False)
-        made[(name, bits)] = out
-    return made
 
 
 @pytest.mark.parametrize("name,bits", QUANTIZED)

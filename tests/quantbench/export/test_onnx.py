@@ -12,33 +12,18 @@ import pytest
 import torch
 
 import quantizers
-from quantbench.config import TrainConfig
 from quantbench.errors import QuantbenchError
 from quantbench.export.integer_model import evaluate_paths
 from quantbench.export.onnx import export_onnx_run, onnx_bytes
 from quantbench.models import create_model
 from quantbench.qat import QuantConfig, quantize_, quantized_layers
 from quantbench.training.rebuild import load_run
-from quantbench.training.run import train
 from tests.helpers import assert_one_line
 
 onnx = pytest.importorskip("onnx")
 numpy_helper = onnx.numpy_helper
 
 QUANTIZED = [("lsq", 2), ("lsq", 4), ("fixed", 2), ("pact", 2), ("qil", 2)]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
-    root = tmp_path_factory.mktemp("onnx")
-    common = {"dataset": "digits", "model": "small_cnn", "epochs": 1, "threads": 1}
-    train(TrainConfig(out=str(root / "fp"), **common), progress=False)
-    made = {}
-    for name, bits in QUANTIZED:
-        out = root / f"{name}{bits}"
-        train(TrainConfig(out=str(out), quantizer=name, bits=bits, init_from=str(root / "fp"), **common), progress=False)
-        made[(name, bits)] = out
-    return made
 
 
 def _graph(path: Path) -> tuple[object, dict[str, object]]:
