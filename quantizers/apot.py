@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .base import Quantizer, QuantizerError, check_choice, lsq_init_step
 from .integer import IntegerSpec
 from .registry import register
-from .n2uq import straight_through
+from .kernels.apot import apot_quantize
 
 INITS = ("code", "lsq")
 WEIGHT_NORMS = ("standardize", "none")
@@ -136,20 +136,12 @@ class APoT(Quantizer):
         std = v.std().clamp_min(1e-12)
         return (v - mean) / std
 
-    def project(self, x: Tensor) -> Tensor:
-        """The nearest normalized level of each element of ``x`` (already clipped)."""
-        index = torch.bucketize(x, self.thresholds.to(x.dtype), right=True)
-        return self.unit_levels.to(x.dtype)[index]
-
     def quantize(self, v: Tensor) -> Tensor:
         data = self.normalized_input(v) if self.standardize else v
-        alpha = self.effective_alpha()
-        x = torch.clamp(data / alpha, -1.0 if self.signed else 0.0, 1.0)
-        projected = straight_through(self.project(x.detach()), x)
-        out = projected * alpha
-        if self.standardize:
-            out = out * self.weight_scale
-        return out.to(v.dtype)
+        out_scale = self.weight_scale if self.standardize else torch.ones_like(self.weight_scale)
+        dtype = data.dtype  # the fused op (comparison chain, one pass each way); its reference: bucketize and gather
+        return apot_quantize(data, self.effective_alpha().to(dtype), self.thresholds.to(dtype),
+                             self.unit_levels.to(dtype), -1.0 if self.signed else 0.0, out_scale.to(dtype)).to(v.dtype)
 
     # ---- interface -----------------------------------------------------------------------------------------------
 

@@ -34,15 +34,7 @@ from .base import Quantizer, QuantizerError, check_choice
 from .integer import IntegerSpec, exact_float
 from .lsq import GRAD_SCALES, check_bool, lsq_grad_scale
 from .registry import register
-from .ste import round_ste, scale_grad, stop_gradient
-
-
-def soft_staircase(z: Tensor, alpha: Tensor | float) -> Tensor:
-    """DSQ's soft staircase on the code axis (cells of width 1 between consecutive integers)."""
-    tanh_scale = 1.0 / (1.0 - alpha)
-    sharpness = torch.log((2.0 - torch.as_tensor(alpha, dtype=z.dtype)) / torch.as_tensor(alpha, dtype=z.dtype))
-    cell = stop_gradient(torch.floor(z))  # which cell: piecewise constant, frozen in the surrogate
-    return cell + 0.5 + 0.5 * tanh_scale * torch.tanh(sharpness * (z - cell - 0.5))
+from .kernels.dsq import dsq_quantize
 
 
 @register("dsq")
@@ -87,9 +79,11 @@ class DSQ(Quantizer):
 
     def quantize(self, v: Tensor) -> Tensor:
         self.last_n = self.gradient_count(v)
-        step = scale_grad(self.effective_step(), lsq_grad_scale(self.grad_scale, self.last_n, self.qp))
-        z = torch.clamp(v / step, -self.qn, self.qp)
-        return (round_ste(soft_staircase(z, self.effective_alpha())) * step).to(v.dtype)
+        g = lsq_grad_scale(self.grad_scale, self.last_n, self.qp)
+        alpha = self.effective_alpha()
+        alpha = alpha.to(v.dtype) if isinstance(alpha, Tensor) else torch.tensor(alpha, dtype=v.dtype, device=v.device)
+        # the fused op (one pass each way); its reference is the composite soft staircase with round_ste
+        return dsq_quantize(v, self.effective_step().to(v.dtype), alpha, self.qn, self.qp, g).to(v.dtype)
 
     def levels(self) -> Tensor:
         step = self.effective_step().detach()

@@ -40,44 +40,10 @@ from .base import Quantizer, QuantizerError, check_choice
 from .integer import IntegerSpec, exact_float
 from .lsq import GRAD_SCALES, lsq_grad_scale
 from .registry import register
-from .ste import active_tape, scale_grad, stop_gradient
+from .kernels.ewgs import ewgs_quantize
+from .ste import scale_grad, stop_gradient
 
 OUTPUT_SCALES = ("interval", "normalized")
-
-
-class _EWGSDiscretizer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_n: Tensor, steps: int, delta: float) -> Tensor:  # type: ignore[override]
-        x_q = torch.round(x_n * steps) / steps
-        ctx.delta = delta
-        ctx.save_for_backward(x_n - x_q)
-        return x_q
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (error,) = ctx.saved_tensors
-        return grad * (1 + ctx.delta * torch.sign(grad) * error), None, None
-
-
-def ewgs_discretize(x_n: Tensor, steps: int, delta: float) -> Tensor:
-    """``round(x_n * steps) / steps`` with EWGS's gradient ``g (1 + delta sign(g) (x_n - x_q))``.
-
-    Under a surrogate tape: ``x_q0 + (x_n - x_n0) + (delta/2) S ((x_n - x_q0)^2 - (x_n0 - x_q0)^2)``, whose
-    derivative at x_n0 is EWGS's factor, with ``S`` the sign of the upstream gradient: a frozen piece that is zero
-    when recorded and is filled by a hook when the recording forward is back-propagated (its quantizer declares
-    ``upstream_dependent_gradient``).
-    """
-    tape = active_tape()
-    if tape is None:
-        return _EWGSDiscretizer.apply(x_n, steps, float(delta))
-    replaying = tape.replaying
-    x_q0 = tape.freeze(torch.round(x_n * steps) / steps)
-    x_n0 = tape.freeze(x_n)
-    upstream_sign = tape.freeze(torch.zeros_like(x_n))
-    out = x_q0 + (x_n - x_n0) + (delta / 2) * upstream_sign * ((x_n - x_q0) ** 2 - (x_n0 - x_q0) ** 2)
-    if not replaying and out.requires_grad:
-        out.register_hook(lambda grad: upstream_sign.copy_(torch.sign(grad)))
-    return out
 
 
 @register("ewgs")
@@ -146,16 +112,16 @@ class EWGS(Quantizer):
         g = lsq_grad_scale(self.grad_scale, self.gradient_count(v), self.steps)
         lower, upper = scale_grad(self.lower, g), scale_grad(self.upper, g)
         width = self.width(lower, upper)
-        x_n = torch.clamp((v - lower) / width, 0.0, 1.0)
-        x_q = ewgs_discretize(x_n, self.steps, self.delta)
-        out = 2 * x_q - 1 if self.centered else x_q
+        # output scale "interval": the interval held constant, so (l, u) get EWGS's gradients through x_n only
         if self.output_scale == "interval":
-            # the interval held constant: (l, u) get EWGS's gradients through x_n only, as in the code
             held = stop_gradient(width)
-            out = out * (held / 2 if self.centered else held)
-            if self.shifted:
-                out = out + stop_gradient(self.lower)
-        return out.to(v.dtype)
+            multiplier = held / 2 if self.centered else held
+        else:
+            multiplier = torch.ones((), dtype=width.dtype, device=width.device)
+        shift = stop_gradient(self.lower) if self.shifted and self.output_scale == "interval" else torch.zeros_like(multiplier)
+        dtype = v.dtype  # the fused op (one pass each way); its reference: clamp, the discretizer, the output scale
+        return ewgs_quantize(v, lower.to(dtype), width.to(dtype), multiplier.to(dtype), shift.to(dtype), self.steps,
+                             self.delta, self.centered).to(v.dtype)
 
     # ---- interface -----------------------------------------------------------------------------------------------
 

@@ -15,7 +15,9 @@ import quantizers
 from quantizers.conformance import check_quantizer
 from quantizers.kernels import dispatch, native
 
-BUILTINS = ("lsq", "fixed", "pact", "qil")
+BUILTINS = ("lsq", "fixed", "pact", "qil")  # the ones with native C kernels
+#: every quantizer with a fused op (the four above plus compiled-only ones)
+FUSED = BUILTINS + ("dsq", "apot", "ewgs", "n2uq")
 BITS = (2, 3, 4, 8)
 #: (signed, role): signed weights, unsigned activations, the signed image input
 ROLE_CONFIGS = ((True, "weight"), (False, "activation"), (True, "activation"))
@@ -80,7 +82,7 @@ def _inputs(count: int, scale: float, seed: int, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("kernel_backend", ["compiled", "eager"])
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", FUSED)
 @settings(max_examples=12, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(case=cases())
 def test_fast_and_reference_paths_agree_in_float64(name: str, kernel_backend: str, case) -> None:
@@ -96,7 +98,7 @@ def test_fast_and_reference_paths_agree_in_float64(name: str, kernel_backend: st
 
 
 @pytest.mark.parametrize("kernel_backend", ["native", "compiled"])
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", FUSED)
 @settings(max_examples=6, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(case=cases())
 def test_fast_and_reference_paths_agree_in_float32(name: str, kernel_backend: str, case) -> None:
@@ -185,18 +187,23 @@ def test_native_kernels_build_once_into_the_cache(monkeypatch, tmp_path) -> None
     assert len(built) == 1 and not [p for p in (tmp_path / "kernels").iterdir() if p not in built]  # no leftovers
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", FUSED)
 def test_options_that_change_the_fused_op_agree_with_reference(name: str) -> None:
     variants = {
         "lsq": [{"grad_scale": "none"}, {"grad_scale": "numel", "grad_scale_mult": 3.0}],
         "fixed": [{"mode": "max"}],
         "pact": [{"weight_scheme": "symmetric"}, {"detach_max": True}, {"output_scale": "none"}],
         "qil": [{"output_scale": "normalized"}, {"learn_gamma": False}],
+        "dsq": [{"learn_alpha": True}, {"alpha": 0.05, "grad_scale": "none"}],
+        "apot": [{"weight_norm": "none"}, {"init": "lsq"}],
+        "ewgs": [{"output_scale": "normalized"}, {"delta": 0.2}],
+        "n2uq": [{"init": "code"}],
     }[name]
     v, upstream = _inputs(257, 1.0, 7, torch.float64)
+    role = "activation" if name == "n2uq" else "weight"  # n2uq's fused op is its activation quantizer
     for options in variants:
         for bits in (2, 4):
-            quantizer = build(name, bits, True, "weight", torch.float64, **options)
+            quantizer = build(name, bits, True, role, torch.float64, **options)
             with torch.no_grad():
                 quantizer(v)
             if name == "qil" and "learn_gamma" not in options:
@@ -206,10 +213,33 @@ def test_options_that_change_the_fused_op_agree_with_reference(name: str) -> Non
                 compare_paths(quantizer, v, upstream, rtol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])  # comparison chains up to 4 bits, bucketize above
+@pytest.mark.parametrize("kernel_backend", ["compiled", "eager"])
+def test_learned_cells_and_levels_agree_with_reference_when_uneven(bits: int, kernel_backend: str) -> None:
+    """N2UQ with cells of different widths (the chains must pick each element's own edge and width) and APoT's
+    non-uniform levels, on inputs that include every edge, threshold and level exactly."""
+    generator = torch.Generator().manual_seed(bits)
+    v = torch.randn(3000, generator=generator, dtype=torch.float64) * 2
+    upstream = torch.randn(3000, generator=generator, dtype=torch.float64)
+    for signed in (False, True):
+        n2uq = build("n2uq", bits, signed, "activation", torch.float64)
+        apot = build("apot", bits, signed, "activation", torch.float64)
+        with torch.no_grad():
+            n2uq(v), apot(v)
+            n2uq.widths.mul_(0.5 + torch.rand(n2uq.widths.shape, generator=generator, dtype=torch.float64))
+            edges, widths = n2uq.edges()
+            v[: edges.numel()] = edges
+            v[edges.numel(): 2 * edges.numel() - 1] = edges[:-1] + widths / 2  # the forward thresholds
+            v[2 * edges.numel(): 2 * edges.numel() + apot.levels().numel()] = apot.levels()
+        with dispatch.kernels(kernel_backend, min_numel=2):
+            compare_paths(n2uq, v, upstream, rtol=1e-6)
+            compare_paths(apot, v, upstream, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kernel_backend", ["native", "compiled"])
 def test_conformance_kit_passes_with_fast_kernels_on_every_size(kernel_backend: str) -> None:
     with dispatch.kernels(kernel_backend, min_numel=2):
-        for name in BUILTINS:
+        for name in FUSED:
             check_quantizer(name, bits=(2, 8), examples=5, checks=("grid", "extremes", "gradients", "shape-dtype"))
 
 
@@ -253,7 +283,7 @@ def test_one_compiled_kernel_serves_every_layer_shape() -> None:
         assert counters["stats"]["unique_graphs"] == before, "a new layer shape recompiled the fused kernels"
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", FUSED)
 def test_whole_model_compile_has_no_graph_breaks(name: str) -> None:
     from quantbench.qat import QuantConfig, quantize_
 
@@ -269,7 +299,7 @@ def test_whole_model_compile_has_no_graph_breaks(name: str) -> None:
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", FUSED)
 def test_whole_model_compile_gives_the_eager_gradients(name: str) -> None:
     """Under torch.compile of a whole model the fused ops run their traced bodies (masks built arithmetically so
     that no boolean tensor is saved for backward); through AOTAutograd they give the eager outputs and gradients."""
