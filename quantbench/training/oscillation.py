@@ -40,6 +40,9 @@ FREEZE_MAX_BITS = 4  # the paper freezes layers of at most 4 bits; 8-bit first/l
 #: Without freezing, oscillation is tracked on a fixed random sample of at most this many weights per layer: the
 #: per-step cost then grows with the number of layers, not of weights (a fraction's standard error stays <= 0.008).
 SAMPLE = 4096
+#: the per-weight state kept in one flat tensor across layers: the code, whether the code ever changed, whether its
+#: last change was upwards (booleans: the per-step arithmetic runs on bytes), the oscillation frequency
+FLAT_KEYS = ("code", "moved", "rising", "frequency")
 
 
 def weight_quantizers(model: nn.Module) -> list[tuple[str, nn.Parameter, Quantizer]]:
@@ -79,7 +82,6 @@ class OscillationTracker:
         self.freeze, self.dampen, self.total_steps = float(freeze), float(dampen), max(1, total_steps)
         self.state: list[dict[str, Tensor]] = [{} for _ in self.layers]
         self._quantized: tuple[int, list[Tensor]] | None = None  # (step, Q(w) per layer): shared by loss and update
-        self._flipped: list[Tensor | None] = [None for _ in self.layers]
         # Q(w) of this step's forward, captured by a hook on each weight quantizer: no second quantization per step
         self._captured: list[Tensor | None] = [None for _ in self.layers]
         self._hooks = [quantizer.register_forward_hook(self._capture(index))
@@ -89,6 +91,12 @@ class OscillationTracker:
             None if self.freeze > 0 or weight.numel() <= SAMPLE
             else torch.randperm(weight.numel(), generator=generator)[:SAMPLE].sort().values.to(weight.device)
             for _, weight, _ in self.layers]
+        # Codes, directions and frequencies of all layers live in one flat tensor each (``state[i]`` holds views of
+        # layer i's slice): the per-step arithmetic is then a handful of ops per step, not per layer.
+        self.sizes = [weight.numel() if sample is None else sample.numel()
+                      for (_, weight, _), sample in zip(self.layers, self.samples)]
+        self._flat: dict[str, Tensor] = {}
+        self._flipped_flat: Tensor | None = None
 
     # ---- per step -------------------------------------------------------------------------------------------------
 
@@ -124,32 +132,58 @@ class OscillationTracker:
 
     def update(self, step: int) -> None:
         """Codes of this step's weights; flips, oscillation EMA and freezing decisions (all on the device)."""
+        if not self.layers:
+            return
         with torch.no_grad():
-            for index, ((_, weight, quantizer), quantized) in enumerate(zip(self.layers, self.quantized(step))):
+            quantized_all, levels_all, codes = [], [], []
+            for (_, weight, quantizer), quantized, sample in zip(self.layers, self.quantized(step), self.samples):
                 levels = quantizer.levels().detach()
                 quantized = quantized.reshape(-1)  # state is flat (over the sample, when sampling)
-                if self.samples[index] is not None:
-                    quantized = quantized[self.samples[index]]
-                codes = nearest_codes(quantized, levels)  # int64 as bucketize gives it: no conversion per step
-                state = self.state[index]
-                if not state:
-                    state.update(code=codes, direction=torch.zeros_like(codes),
-                                 frequency=torch.zeros_like(codes, dtype=torch.float32))
-                    if self.freeze > 0 and quantizer.bits <= FREEZE_MAX_BITS:
-                        state.update(ema=quantized.float().clone(), frozen=torch.zeros_like(codes, dtype=torch.bool))
-                        if holds_codes(quantizer, levels):
-                            state["frozen_code"] = torch.zeros_like(codes, dtype=torch.int64)
-                        else:
-                            state["frozen_value"] = weight.detach().reshape(-1).clone()
-                    continue
-                direction = (codes - state["code"]).sign()
-                oscillated = (direction * state["direction"]) == -1
-                state["frequency"].mul_(1 - MOMENTUM).add_(oscillated.float(), alpha=MOMENTUM)
-                state["direction"] = torch.where(direction == 0, state["direction"], direction)
-                state["code"] = codes
-                self._flipped[index] = direction  # nonzero where the code changed (reduced only when recorded)
-                if "frozen" in state:
-                    self._freeze(state, weight, quantizer, levels, quantized)
+                if sample is not None:
+                    quantized = quantized.index_select(0, sample)
+                quantized_all.append(quantized)
+                levels_all.append(levels)
+                codes.append(nearest_codes(quantized, levels))  # int64 as bucketize gives it: no conversion per step
+            codes = torch.cat(codes)
+            if not self._flat:
+                self._start(codes, quantized_all, levels_all)
+                return
+            flat = self._flat
+            changed = codes != flat["code"]
+            rising = codes > flat["code"]
+            # an oscillation: a change opposite to the weight's previous change
+            oscillated = changed & flat["moved"] & (rising != flat["rising"])
+            flat["frequency"].lerp_(oscillated.to(flat["frequency"].dtype), MOMENTUM)  # EMA of oscillations
+            flat["rising"].copy_(torch.where(changed, rising, flat["rising"]))
+            flat["moved"].logical_or_(changed)
+            flat["code"].copy_(codes)
+            self._flipped_flat = changed  # reduced only when recorded
+            for index, (_, weight, quantizer) in enumerate(self.layers):
+                if "frozen" in self.state[index]:
+                    self._freeze(self.state[index], weight, quantizer, levels_all[index], quantized_all[index])
+
+    def _start(self, codes: Tensor, quantized: list[Tensor], levels: list[Tensor]) -> None:
+        """The first step's codes: no flip yet; freezing state for the layers that freeze."""
+        never = torch.zeros_like(codes, dtype=torch.bool)
+        self._adopt({"code": codes, "moved": never, "rising": never.clone(),
+                     "frequency": torch.zeros_like(codes, dtype=torch.float32)})
+        for index, (_, weight, quantizer) in enumerate(self.layers):
+            state = self.state[index]
+            if self.freeze > 0 and quantizer.bits <= FREEZE_MAX_BITS:
+                state.update(ema=quantized[index].float().clone(), frozen=torch.zeros_like(state["code"], dtype=torch.bool))
+                if holds_codes(quantizer, levels[index]):
+                    state["frozen_code"] = torch.zeros_like(state["code"], dtype=torch.int64)
+                else:
+                    state["frozen_value"] = weight.detach().reshape(-1).clone()
+
+    def _adopt(self, flat: dict[str, Tensor]) -> None:
+        """Make ``flat`` the tracked codes/directions/frequencies; each layer's state gets views of its slice."""
+        self._flat = flat
+        offset = 0
+        for state, size in zip(self.state, self.sizes):
+            for key, values in flat.items():
+                state[key] = values[offset: offset + size]
+            offset += size
 
     def _freeze(self, state: dict[str, Tensor], weight: Tensor, quantizer: Quantizer, levels: Tensor,
                 quantized: Tensor) -> None:
@@ -192,8 +226,9 @@ class OscillationTracker:
             return {}
         summary = {"oscillation_frequency": state["frequency"].mean(),
                    "oscillating_fraction": (state["frequency"] > OSCILLATING).float().mean()}
-        if self._flipped[index] is not None:
-            summary["flip_fraction"] = (self._flipped[index] != 0).float().mean()
+        if self._flipped_flat is not None:
+            offset = sum(self.sizes[:index])
+            summary["flip_fraction"] = self._flipped_flat[offset: offset + self.sizes[index]].float().mean()
         if "frozen" in state:
             summary["frozen_fraction"] = state["frozen"].float().mean()
         return summary
@@ -201,8 +236,9 @@ class OscillationTracker:
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"layers": [name for name, _, _ in self.layers], "state": [{k: v.cpu() for k, v in s.items()}
-                                                                          for s in self.state]}
+        # clones: a view would save the whole flat tensor once per layer
+        return {"layers": [name for name, _, _ in self.layers],
+                "state": [{k: v.detach().cpu().clone() for k, v in s.items()} for s in self.state]}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         if saved.get("layers") != [name for name, _, _ in self.layers]:
@@ -210,3 +246,10 @@ class OscillationTracker:
         for (_, weight, _), state, values in zip(self.layers, self.state, saved["state"]):
             state.clear()
             state.update({k: v.to(weight.device) for k, v in values.items()})
+        if (all(set(FLAT_KEYS) <= set(state) for state in self.state)
+                and [s["code"].numel() for s in self.state] == self.sizes):
+            self._adopt({key: torch.cat([state[key] for state in self.state]) for key in FLAT_KEYS})
+        else:  # saved before any step, by another sampling or an older version: start tracking afresh
+            for state in self.state:
+                state.clear()
+            self._flat = {}

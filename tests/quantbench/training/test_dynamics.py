@@ -154,6 +154,39 @@ def test_oscillation_counts_flips_that_reverse_direction_only() -> None:
     assert torch.equal(nearest_codes(levels, levels), torch.arange(levels.numel()))
 
 
+def test_tracker_state_survives_a_checkpoint_and_old_state_restarts_tracking(tmp_path: Path) -> None:
+    """All layers' state lives in flat tensors (per-layer views); a checkpoint restores it exactly, and state in
+    another format (an older checkpoint) starts tracking afresh instead of misreading it."""
+    import copy
+
+    model, images, labels = small_model("lsq")
+    dynamics = recorder(model, tmp_path, steps=20, freeze=0.02)
+    run_steps(model, images, labels, dynamics, 8, lr=0.5)
+    saved = dynamics.tracker.state_dict()
+    sizes = [v.numel() for state in saved["state"] for k, v in state.items() if k == "code"]
+    assert sizes == dynamics.tracker.sizes
+    restored = OscillationTracker(copy.deepcopy(model), freeze=0.02, total_steps=20)
+    restored.load_state_dict(torch.load(_saved(saved, tmp_path), weights_only=False))
+    for original, copied in zip(dynamics.tracker.state, restored.state):
+        assert original.keys() == copied.keys()
+        for key in original:
+            assert torch.equal(original[key], copied[key]), key
+    frequency = restored.state[1]["frequency"]
+    assert frequency.data_ptr() != restored._flat["frequency"].data_ptr() or restored.sizes[0] == 0
+    assert restored._flat["frequency"][restored.sizes[0]:].data_ptr() == frequency.data_ptr()  # a view, not a copy
+    old = {"layers": saved["layers"], "state": [{"code": s["code"], "direction": s["code"] * 0,
+                                                 "frequency": s["frequency"]} for s in saved["state"]]}
+    restored.load_state_dict(old)
+    assert all(not state for state in restored.state) and not restored._flat
+
+
+def _saved(state: dict, tmp_path: Path) -> Path:
+    path = tmp_path / "tracker.pt"
+    torch.save(state, path)
+    assert path.stat().st_size < 1.5 * sum(v.numel() * v.element_size() for s in state["state"] for v in s.values())
+    return path
+
+
 def test_dampening_is_the_papers_term_with_cosine_annealing(plugin: str) -> None:
     assert dampening_weight(0.5, 0, 100) == 0 and dampening_weight(0.5, 100, 100) == pytest.approx(0.5)
     assert dampening_weight(0.5, 50, 100) == pytest.approx(0.25)
