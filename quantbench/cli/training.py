@@ -91,7 +91,8 @@ def compare_command(
         return
     if not results.empty:
         console.print(Markdown(table1_markdown(results)))
-        console.print(f"report: {escape(str(write_report(config.out)))}")
+        # dynamics figures take seconds per precision: `quantbench report` draws them (the report says so)
+        console.print(f"report: {escape(str(write_report(config.out, dynamics=False)))}")
     failed = failed_cells(config.out)
     if failed:  # the other cells finished; the report lists these as missing
         for name, error in failed:
@@ -104,13 +105,15 @@ def compare_command(
 def report_command(
     directory: Annotated[str, typer.Argument(help="A quantbench compare directory.")],
     out: Annotated[Optional[str], typer.Option(help="Write the report here (default: DIR), e.g. reports/NAME.")] = None,
+    dynamics: Annotated[bool, typer.Option(help="Draw every quantizer's training dynamics side by side (DIR/dynamics) "
+                                                "and link them.")] = True,
     plugin: PluginOption = None,
 ) -> None:
     """(Re)write report.md and its figures from DIR/results.csv."""
     from quantbench.comparison.report import write_report
 
     quantizers.load_plugins(plugin or [])
-    console.print(f"report: {escape(str(write_report(directory, out)))}")
+    console.print(f"report: {escape(str(write_report(directory, out, dynamics=dynamics)))}")
 
 
 def _train_option(name: str, *flags: str) -> Any:

@@ -9,6 +9,7 @@ and the list of places where the run's recipe departs from the paper's.
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 from typing import Any
@@ -282,9 +283,47 @@ def _sweep_lines(results: pd.DataFrame, config: dict[str, Any]) -> list[str]:
     return ["## Option sweep: one row per combination", "", sweep_markdown(results, sweep), ""]
 
 
-def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
+def dynamics_lines(source: Path, results: pd.DataFrame, out: Path) -> list[str]:
+    """Side-by-side training dynamics (``quantbench dynamics``) of every quantizer per precision and option variant,
+    for the first seed, into ``out/dynamics/<bits>bit[-variant]``; the report's links to them."""
+    from quantbench.analyses.dynamics import write_dynamics
+
+    if results.empty or "run" not in results:
+        return []
+    rows = results[[(source / "runs" / str(run) / "dynamics.csv").is_file() for run in results["run"]]]
+    if rows.empty:
+        return []
+    rows = rows[rows["seed"] == rows["seed"].min()]
+    lines = ["## Training dynamics", "",
+             f"Every quantizer side by side (seed {int(rows['seed'].min())}): range parameters relative to their "
+             "start, clip fractions and weight oscillation (`quantbench dynamics`; README: training dynamics).", ""]
+    variants = rows["variant"].fillna("") if "variant" in rows else pd.Series("", index=rows.index)
+    for (bits, variant), group in rows.groupby([rows["bits"], variants], sort=True):
+        name = f"{int(bits)}bit" + (f"-{_slug(variant)}" if variant else "")
+        runs = [source / "runs" / str(run) for run in group["run"]]
+        written = write_dynamics(runs, out / "dynamics" / name,
+                                 command=f"quantbench dynamics {' '.join(str(r) for r in runs)} --out {out / 'dynamics' / name}")
+        title = f"{int(bits)}-bit" + (f", {variant}" if variant else "")
+        links = ", ".join(f"[{path.name}](dynamics/{name}/{path.name})" for path in written)
+        lines.append(f"- {title}: {links}")
+    return [*lines, ""]
+
+
+def _dynamics_hint(source: Path, results: pd.DataFrame) -> list[str]:
+    if results.empty or not any((source / "runs" / str(run) / "dynamics.csv").is_file() for run in results["run"]):
+        return []
+    return ["## Training dynamics", "", f"The runs recorded their dynamics: `quantbench report {source}` draws every "
+            "quantizer's side by side and links them here.", ""]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", str(text).replace(" ", ","))
+
+
+def write_report(directory: str | Path, out: str | Path | None = None, dynamics: bool = False) -> Path:
     """Write report.md and its figures for the comparison in ``directory`` (into ``out``, default the same
-    directory, with copies of results.csv and compare.json so the report stands alone)."""
+    directory, with copies of results.csv and compare.json so the report stands alone). ``dynamics``: also draw the
+    runs' training dynamics side by side and link them (otherwise the report says how)."""
     source = Path(directory)
     results, saved = load(source)
     out = Path(out) if out is not None else source
@@ -321,6 +360,7 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
         "",
         *[f"![{path.stem}]({path.name})" for path in figures],
         "",
+        *(dynamics_lines(source, results, out) if dynamics else _dynamics_hint(source, results)),
         "## Where this recipe departs from the paper's",
         "",
         *[f"- {note}" for note in departures(config)],

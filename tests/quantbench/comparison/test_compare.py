@@ -78,6 +78,13 @@ def test_compare_runs_the_grid_and_writes_the_report(tmp_path: Path) -> None:
     assert "| lsq |" in report and "| full precision |" in report and "**" in report
     assert "dataset digits (paper: ImageNet)" in report and "quantbench compare (test)" in report
     assert (tmp_path / "cmp" / "accuracy_vs_bits.png").stat().st_size > 0
+    assert "quantbench report" in report.split("## Training dynamics", 1)[1]  # drawn on request only
+    linked = write_report(tmp_path / "cmp", dynamics=True).read_text().split("## Training dynamics", 1)[1]
+    for bits in sorted(set(results["bits"]) - {32}):
+        folder = tmp_path / "cmp" / "dynamics" / f"{bits}bit"
+        assert f"dynamics/{bits}bit/ranges.png" in linked and (folder / "ranges.png").stat().st_size > 0
+        summary = (folder / "summary.md").read_text()
+        assert "lsq" in summary and "fixed" in summary  # every quantizer of that precision side by side
     assert (tmp_path / "cmp" / "accuracy_vs_model_size.png").stat().st_size > 0
     # same seed and data order: paired differences exist for every (fixed, bits)
     differences = paired_differences(results)
