@@ -299,7 +299,7 @@ def step_text(step: float | list[float] | Tensor) -> str:
     """``s_w`` for a table: the step, or per channel the count and range of the steps."""
     if isinstance(step, (list, Tensor)):
         values = torch.as_tensor(step, dtype=torch.float64)
-        return f"{values.numel()} ch {float(values.min()):.3g}..{float(values.max()):.3g}"
+        return f"{values.numel()}ch {float(values.min()):.2g}..{float(values.max()):.2g}"
     return f"{step:.4g}"
 
 
