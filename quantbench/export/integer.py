@@ -41,9 +41,10 @@ Which quantizers run on integers (each built-in declares its own ``integer_spec(
   (sign-magnitude for signed inputs), value ``code * (c + d) / q`` (``1/q`` with ``output_scale="normalized"``). So
   **our QIL runs on integers for any gamma**; a transformer that were nonlinear on *activations* could not.
 * any other quantizer (a plugin) runs on integers through ``Quantizer.integer_spec()`` (the contract: an
-  :class:`quantizers.IntegerSpec` with ``step``, ``lo``, ``hi`` and, for activations, ``offset``, ``width``,
-  ``multiplier``, optionally ``magnitude=True`` for sign-magnitude and ``stride=2`` for odd-only codes). The base
-  class's default exports weights whose ``levels()`` are a uniform grid and refuses activations, saying why.
+  :class:`quantizers.IntegerSpec` with ``step`` (for weights a float, or a list with one per output channel),
+  ``lo``, ``hi`` and, for activations, ``offset``, ``width``, ``multiplier``, optionally ``magnitude=True`` for
+  sign-magnitude and ``stride=2`` for odd-only codes). The base class's default exports weights whose ``levels()``
+  are a uniform grid and refuses activations, saying why.
 
 Every export is verified on the first test batch: the weight codes times ``s_w`` equal the fake-quantized weights and
 the requantized activation codes equal the fake quantizer's codes exactly, or the export fails saying which layer.
