@@ -223,3 +223,22 @@ def test_a_plugin_runs_on_integers_through_integer_spec() -> None:
     payload = build_export(model, {"train": {"model": "small_cnn"}, "num_classes": 10, "in_channels": 1}, sample)
     with torch.no_grad():
         torch.testing.assert_close(integer_model(payload)(sample), model(sample), rtol=1e-5, atol=1e-5)
+
+
+class _PerChannelWrongCount(_NoIntegerSpec):
+    """A plugin whose weight spec gives per-channel steps that do not fit the weight's output channels."""
+
+    def integer_spec(self) -> dict:
+        step = float(self.step)
+        if self.role == "weight":
+            return {"step": [step] * 3, "lo": -self.qn, "hi": self.qp}
+        return {"step": step, "lo": -self.qn, "hi": self.qp, "width": step}
+
+
+def test_per_channel_steps_that_do_not_fit_the_channels_are_a_one_line_error() -> None:
+    from tests.helpers import assert_one_line
+
+    model, sample = _quantized_model("test-integer-per-channel-count", _PerChannelWrongCount)
+    with pytest.raises(QuantbenchError) as error:
+        build_export(model, {}, sample)
+    assert_one_line(error.value, "3 per-channel steps", "output channels")
