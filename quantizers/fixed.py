@@ -5,7 +5,7 @@ max|v|/Q_P (no clipping), ``mse`` = the MSE-optimal step by grid search: ``grid_
 (0, max|v|/Q_P], then the same number again around the best one (MSE(s) is not convex, so no local solver alone).
 
 ``per_channel=True`` (weights only, as for ``lsq``): one frozen step per output channel (axis 0), each set by the mode
-on its own channel; integer export refuses per-channel steps for now.
+on its own channel; integer and ONNX export write one step per output channel.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import Quantizer, QuantizerError, check_choice, lsq_init_step
-from .integer import IntegerSpec, exact_float
+from .integer import IntegerSpec
 from .kernels import lsq_quantize, lsq_quantize_per_channel
 from .lsq import PerChannelStep, check_bool
 from .registry import register
@@ -96,9 +96,7 @@ class FixedStep(PerChannelStep, Quantizer):
         return codes * self.step_size
 
     def integer_spec(self) -> IntegerSpec:
-        self.per_channel_refusal()
-        step = exact_float(self.step_size)
-        return IntegerSpec(step, -self.qn, self.qp, width=step)
+        return self.step_spec(self.step_size)
 
     def current_step(self) -> float:
         """The step; per channel, the mean of the channels' steps (for layer tables)."""

@@ -12,7 +12,8 @@ Conventions (recorded by ``options()``):
   summed into that channel's step gradient, so each step sees the gradient scale a layer of that size would;
   ``"tensor"`` uses the whole tensor's numel (lsq-net, torch.ao). A tensor of fewer than two dimensions has one
   channel. ``set_step`` places every channel at the same step. Per-channel steps run eager bodies (the fused
-  kernels take one scalar step) and integer export refuses them (one step per layer only, for now).
+  kernels take one scalar step); integer and ONNX export take them as one step per output channel
+  (``IntegerSpec.step`` a list, ONNX's per-axis DequantizeLinear).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Quantizer, check_choice
-from .integer import IntegerSpec, exact_float
+from .integer import IntegerSpec, exact_steps
 from .errors import QuantizerError
 from .kernels import lsq_quantize, lsq_quantize_per_channel
 from .registry import register
@@ -113,12 +114,12 @@ class PerChannelStep:
             self.resize_steps(torch.zeros(saved.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
-    def per_channel_refusal(self) -> None:
-        if self.step_size.dim() != 0:
-            raise QuantizerError(
-                f"quantizer '{self.registry_name}' has per-channel steps ({self.step_size.numel()} channels): integer "  # type: ignore[attr-defined]
-                "export supports one step per layer only; train with per_channel=false to export"
-            )
+    def step_spec(self, step: Tensor) -> IntegerSpec:
+        """Codes ``clamp(round(v/s), -Q_N, Q_P)``, value ``code * s``: one step (with its requantizer, width s), or
+        per channel one step per output channel (weights only, so no requantizer)."""
+        steps = exact_steps(step)  # the float32 steps the forward divides by, exact in float64
+        width = None if isinstance(steps, list) else steps
+        return IntegerSpec(steps, -self.qn, self.qp, width=width)  # type: ignore[attr-defined]
 
 
 @register("lsq")
@@ -185,9 +186,7 @@ class LSQ(PerChannelStep, Quantizer):
         return {"step_size": self.step_size}
 
     def integer_spec(self) -> IntegerSpec:
-        self.per_channel_refusal()
-        step = exact_float(self.effective_step())  # codes clamp(round(v/s), -Q_N, Q_P), value code * s
-        return IntegerSpec(step, -self.qn, self.qp, width=step)
+        return self.step_spec(self.effective_step())
 
     def conventions(self) -> dict[str, Any]:
         conventions: dict[str, Any] = {"boundary": "strict interior on unrounded v/s (paper eq. 3, 5)"}

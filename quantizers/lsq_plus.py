@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .base import Quantizer, check_choice
 from .errors import QuantizerError
-from .integer import IntegerSpec, exact_float
+from .integer import IntegerSpec
 from .kernels import lsq_quantize, lsq_quantize_per_channel
 from .lsq import ACTIVATION_N, CHANNEL_N, GRAD_SCALES, PerChannelStep, channel_steps, check_bool, lsq_grad_scale
 from .registry import register
@@ -140,10 +140,8 @@ class LSQPlus(PerChannelStep, Quantizer):
         return parameters
 
     def integer_spec(self) -> IntegerSpec:
-        self.per_channel_refusal()
-        step = exact_float(self.effective_step())
         if not self.learn_offset:
-            return IntegerSpec(step, -self.qn, self.qp, width=step)
+            return self.step_spec(self.effective_step())
         if self.role == "weight":
             raise QuantizerError(
                 "quantizer 'lsq_plus' with a learned weight offset has levels code * s + beta, not code * s: integer "

@@ -24,7 +24,8 @@ Conventions (recorded in ``options()``), where quantbench departs from the code:
   ``clip_val = 2``, which never receives a gradient) is the constant 1 in units of sf. A tensor of fewer than two
   dimensions is one channel.
 * integer export: refused for activations (non-uniform input thresholds need comparisons, not quantbench's
-  requantizer) and for per-channel weight scales.
+  requantizer); weights export as odd codes ``2i - n`` in ``[-n, n]`` (stride 2) times ``sf_c / n``, one step per
+  output channel, from the scale of the latest forward.
 """
 
 from __future__ import annotations
@@ -165,10 +166,10 @@ class N2UQ(Quantizer):
                 "comparisons, which quantbench's integer requantizer (round of a scaled input) cannot express"
             )
         if self.last_scale.numel() > 1:
-            raise QuantizerError(
-                f"quantizer 'n2uq' weights have one scale per output channel ({self.last_scale.numel()}): integer "
-                "export supports one step per layer only"
-            )
+            # levels sf_c (2i/n - 1): the odd codes 2i - n in [-n, n] times sf_c / n per output channel (as DoReFa's,
+            # one unit per channel); sf is the latest forward's, so call it on the weights first (export does)
+            n = self.cells
+            return IntegerSpec([value / n for value in self.last_scale.double().tolist()], -n, n, stride=2)
         return super().integer_spec()
 
     def conventions(self) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def export_command(
     from pathlib import Path
 
     from quantbench.errors import QuantbenchError
-    from quantbench.export.integer import export_run
+    from quantbench.export.integer import export_run, step_text
 
     quantizers.load_plugins(plugin or [])
     if export_format not in ("integer", "onnx"):
@@ -66,7 +66,7 @@ def export_command(
         table.add_column(column)
     for row in result.layers:
         table.add_row(row["layer"], str(row["weight_bits"]), str(row["activation_bits"]), str(row["weights"]),
-                      f"{row['weight_step']:.4g}", f"{row['activation_step']:.4g}")
+                      step_text(row["weight_step"]), f"{row['activation_step']:.4g}")
     console.print(table)
     console.print(
         f"wrote {escape(str(result.path))}: {result.file_bytes:,} bytes "

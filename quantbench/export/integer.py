@@ -7,7 +7,8 @@ At inference a quantized conv/linear layer of LSQ computes, with ``w_bar`` / ``x
 
 ``quantbench export RUN_DIR`` writes one file (``RUN_DIR/export/model.int.pt``, a ``torch.save`` dict, loadable with
 ``weights_only=True``): for every quantized layer the integer weight codes (int8 storage, or bit-packed with
-``--pack``), ``s_w``, the activation requantizer (how a float input becomes codes) and ``s_x``; everything else
+``--pack``), ``s_w`` (a float, or with per-channel weight steps a float64 tensor of one step per output channel,
+axis 0), the activation requantizer (how a float input becomes codes) and ``s_x``; everything else
 (BatchNorm, biases, full-precision layers) as float tensors; and the model description (the run's train config).
 :class:`IntegerModel` rebuilds the network from that file alone and runs each quantized layer as:
 
@@ -17,13 +18,18 @@ At inference a quantized conv/linear layer of LSQ computes, with ``w_bar`` / ``x
 2. integer conv / matmul: im2col of the codes (``F.unfold``, done on float32-encoded codes, exact below 2^24), then an
    ``int32`` matmul of weight codes by activation codes (``int64`` if the layer's worst case
    ``K * max|w_bar| * max|x_bar|`` could overflow int32; never at 8 bits or below for these models);
-3. rescale: ``accumulator * (s_w * s_x)`` in float64, plus the float bias, cast back to float32.
+3. rescale: ``accumulator * (s_w * s_x)`` in float64, plus the float bias, cast back to float32; with per-channel
+   weight steps output channel ``c`` is rescaled by ``s_w[c] * s_x`` (the accumulator is per channel anyway, so
+   per-channel steps cost nothing on integers; activations keep one step, so the requantizer is unchanged).
 
 Everything between quantized layers (BatchNorm, ReLU, pooling, residual additions) stays float, as in Figure 1.
 
 Which quantizers run on integers (each built-in declares its own ``integer_spec()``):
 
-* ``lsq`` and ``fixed``: codes ``clamp(round(v/s), -Q_N, Q_P)``, value ``code * s``.
+* ``lsq``, ``fixed`` and ``lsq_plus`` (without a weight offset): codes ``clamp(round(v/s), -Q_N, Q_P)``, value
+  ``code * s``; with ``per_channel=true`` the weights' ``s`` is ``s_c``, one per output channel (axis 0).
+* ``n2uq`` weights: levels ``sf_c (2i/n - 1)`` are odd codes ``2i - n`` times ``sf_c / n`` per output channel (its
+  activations' learned thresholds have no requantizer, so an n2uq layer is refused as a whole).
 * ``pact``: activations ``clamp(round(clip(x, 0, alpha) / (alpha/Q_P)))`` (signed inputs: symmetric clip), value
   ``code * alpha/Q_P``; DoReFa weights are levels ``scale * (2i/n - 1)``, i.e. the **odd** integers
   ``k = 2i - n`` in ``[-n, n]`` times ``scale / n`` (n = 2^b - 1): a uniform grid offset by half a step, exported as
@@ -35,12 +41,15 @@ Which quantizers run on integers (each built-in declares its own ``integer_spec(
   (sign-magnitude for signed inputs), value ``code * (c + d) / q`` (``1/q`` with ``output_scale="normalized"``). So
   **our QIL runs on integers for any gamma**; a transformer that were nonlinear on *activations* could not.
 * any other quantizer (a plugin) runs on integers through ``Quantizer.integer_spec()`` (the contract: an
-  :class:`quantizers.IntegerSpec` with ``step``, ``lo``, ``hi`` and, for activations, ``offset``, ``width``,
-  ``multiplier``, optionally ``magnitude=True`` for sign-magnitude and ``stride=2`` for odd-only codes). The base
-  class's default exports weights whose ``levels()`` are a uniform grid and refuses activations, saying why.
+  :class:`quantizers.IntegerSpec` with ``step`` (for weights a float, or a list with one per output channel),
+  ``lo``, ``hi`` and, for activations, ``offset``, ``width``, ``multiplier``, optionally ``magnitude=True`` for
+  sign-magnitude and ``stride=2`` for odd-only codes). The base class's default exports weights whose ``levels()``
+  are a uniform grid and refuses activations, saying why.
 
 Every export is verified on the first test batch: the weight codes times ``s_w`` equal the fake-quantized weights and
 the requantized activation codes equal the fake quantizer's codes exactly, or the export fails saying which layer.
+Per channel the weight check is per output channel: ``codes[c] * s_w[c]`` against channel ``c``'s fake-quantized
+weights, to float32 rounding of the product relative to that channel's step.
 """
 
 from __future__ import annotations
@@ -175,16 +184,39 @@ def build_export(model: nn.Module, description: dict[str, Any], check_batch: Ten
             "packed": bool(pack)}
 
 
+def weight_step_of(entry: dict[str, Any]) -> float | Tensor:
+    """An export entry's ``s_w``: a float, or per output channel a float64 tensor of ``C_out`` steps (axis 0)."""
+    step = entry["weight_step"]
+    if isinstance(step, Tensor):
+        if step.dim() != 1 or step.numel() != entry["weight_shape"][0]:
+            raise QuantbenchError(f"export entry has {step.numel()} weight steps for {entry['weight_shape'][0]} output "
+                                  "channels; rewrite it with quantbench export RUN_DIR")
+        return step.to(torch.float64)
+    return float(step)
+
+
 def _export_weight(name: str, layer: QuantizedLayer, pack: bool) -> dict[str, Any]:
     quantizer = layer.weight_quantizer
-    spec = integer_spec_of(quantizer)
-    with torch.no_grad():
+    with torch.no_grad():  # first: a quantizer whose scale follows the weights (n2uq) states it for this forward
         fake = quantizer(layer.weight.detach()).double()
-    codes = torch.round(fake / spec.step)
-    error = float((codes * spec.step - fake).abs().max()) if fake.numel() else 0.0
-    if error > 1e-5 * spec.step + 1e-6 * float(fake.abs().max()) or int(codes.min()) < spec.lo or int(codes.max()) > spec.hi:
+    spec = integer_spec_of(quantizer)
+    try:  # one step per output channel (axis 0), the same step repeated for a per-tensor spec
+        steps = spec.steps(fake.shape[0]).reshape((-1,) + (1,) * (fake.dim() - 1))
+    except quantizers.QuantizerError as error:
+        raise QuantbenchError(f"layer {name}: {error}") from None
+    codes = torch.round(fake / steps)
+    # per output channel: codes x s_w[c] reproduce that channel's fake-quantized weights up to float32 rounding of
+    # the product (relative to that channel's step and magnitude; per tensor, to the tensor's)
+    deviation = (codes * steps - fake).abs().flatten(1)
+    magnitude = fake.abs().flatten(1).amax(dim=1, keepdim=True)
+    if not spec.per_channel:
+        magnitude = magnitude.amax().expand_as(magnitude)
+    bound = 1e-5 * steps.flatten(1)[:, :1] + 1e-6 * magnitude
+    error = float(deviation.max())
+    if bool((deviation > bound).any()) or int(codes.min()) < spec.lo or int(codes.max()) > spec.hi:
+        steps_text = f"{spec.step:.6g}" if not spec.per_channel else f"its {len(spec.step)} per-channel steps"
         raise QuantbenchError(
-            f"layer {name}: quantizer '{quantizer.registry_name}' weights are not integer codes times {spec.step:.6g} "
+            f"layer {name}: quantizer '{quantizer.registry_name}' weights are not integer codes times {steps_text} "
             f"(max deviation {error:.3g}); it cannot run on integers"
         )
     if spec.stride == 2 and bool(((codes - spec.lo) % 2 != 0).any()):
@@ -193,7 +225,8 @@ def _export_weight(name: str, layer: QuantizedLayer, pack: bool) -> dict[str, An
     entry: dict[str, Any] = {
         "weight_shape": list(layer.weight.shape),
         "weight_bits": quantizer.bits,
-        "weight_step": spec.step,
+        # a float, or a float64 tensor with one step per output channel (axis 0)
+        "weight_step": steps.flatten() if spec.per_channel else spec.step,
         "weight_lo": spec.lo,
         "weight_hi": spec.hi,
         "weight_stride": spec.stride,
@@ -244,7 +277,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, pack: bool = 
     save_torch(payload, path)
     fp_state = {key: value for key, value in run.model.state_dict().items() if "_quantizer." not in key}
     layers = [{"layer": name, "weight_bits": entry["weight_bits"], "activation_bits": entry["input"]["bits"],
-               "weights": math.prod(entry["weight_shape"]), "weight_step": entry["weight_step"],
+               "weights": math.prod(entry["weight_shape"]), "weight_step": _json_step(entry["weight_step"]),
                "activation_step": entry["input"]["step"]}
               for name, entry in payload["layers"].items()]
     return ExportResult(
@@ -257,6 +290,18 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, pack: bool = 
         layers=layers,
         seconds=time.perf_counter() - started,
     )
+
+
+def _json_step(step: float | Tensor) -> float | list[float]:
+    return step.tolist() if isinstance(step, Tensor) else step
+
+
+def step_text(step: float | list[float] | Tensor) -> str:
+    """``s_w`` for a table: the step, or per channel the count and range of the steps."""
+    if isinstance(step, (list, Tensor)):
+        values = torch.as_tensor(step, dtype=torch.float64)
+        return f"{values.numel()}ch {float(values.min()):.2g}..{float(values.max()):.2g}"
+    return f"{step:.4g}"
 
 
 def read_export(path: str | Path) -> dict[str, Any]:

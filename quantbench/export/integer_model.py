@@ -15,15 +15,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from quantbench.errors import QuantbenchError
-from quantbench.export.integer import DEFAULT_EXPORT, build_export, read_export, requantize, unpack_codes
+from quantbench.export.integer import (DEFAULT_EXPORT, build_export, read_export, requantize, step_text, unpack_codes,
+                                      weight_step_of)
 from quantbench.qat import quantized_layers
 from quantbench.training.rebuild import first_test_batch, load_run
 from quantbench.utils.modules import accuracy, replace_submodule
 
 PATHS = ("fake", "integer", "onnx")
-
-
-
 
 
 class IntegerLayer(nn.Module):
@@ -41,9 +39,16 @@ class IntegerLayer(nn.Module):
             codes = unpack_codes(entry["weight_packed"], numel, entry["weight_lo"], entry["weight_stride"],
                                  entry["weight_pack_bits"])
         self.register_buffer("weight_codes", codes.reshape(entry["weight_shape"]).to(torch.int32))
-        self.weight_step = float(entry["weight_step"])
+        self.weight_step = weight_step_of(entry)  # a float, or one float64 step per output channel
         self.input_spec = dict(entry["input"])
         self.input_step = float(self.input_spec["step"])
+        if isinstance(self.weight_step, Tensor):
+            # s_w[c] * s_x in float64, shaped for the output's channel axis (1 for conv, last for linear)
+            rescale = self.weight_step * self.input_step
+            shape = (-1,) if self.geometry["kind"] == "linear" else (-1, 1, 1)
+            self.register_buffer("rescale", rescale.reshape(shape))
+        else:
+            self.rescale = self.weight_step * self.input_step
         bias = entry.get("bias")
         self.register_buffer("bias", None if bias is None else bias.clone())
         # worst-case |accumulator| decides int32 vs int64
@@ -59,7 +64,7 @@ class IntegerLayer(nn.Module):
             accumulated = codes.to(self.accumulator) @ weight.t()
         else:
             accumulated = self._conv(codes, weight)
-        out = accumulated.to(torch.float64) * (self.weight_step * self.input_step)
+        out = accumulated.to(torch.float64) * self.rescale
         if self.bias is not None:
             shape = (1, -1) + (1,) * (out.dim() - 2)
             out = out + self.bias.to(torch.float64).view(shape)
@@ -83,7 +88,7 @@ class IntegerLayer(nn.Module):
         return accumulated.reshape(batch, out_channels, out_h, out_w)
 
     def extra_repr(self) -> str:
-        return (f"{self.geometry['kind']}, weight codes {tuple(self.weight_codes.shape)} x {self.weight_step:.4g}, "
+        return (f"{self.geometry['kind']}, weight codes {tuple(self.weight_codes.shape)} x {step_text(self.weight_step)}, "
                 f"input codes [{self.input_spec['lo']}, {self.input_spec['hi']}] x {self.input_step:.4g}, "
                 f"accumulator {str(self.accumulator).replace('torch.', '')}")
 

@@ -21,6 +21,9 @@ verifies them against the fake quantizer), so the two exports agree by construct
   transform (gamma) is baked into the weight codes, which are precomputed from the quantizer's own output.
 * pact's DoReFa weights are odd codes ``2i - n`` times ``scale/n``: int8 up to 7 bits; at 8 bits they need int16,
   which ``DequantizeLinear`` accepts from opset 21 (that graph is opset 21, the others opset 17).
+* per-channel weight steps (lsq, fixed, lsq_plus with ``per_channel=true``): the weight ``DequantizeLinear`` takes
+  its per-axis form, a 1-D scale of ``C_out`` steps and ``axis=0`` (opset 13 on); ONNX Runtime computes
+  ``code * s_c`` in float32 as the fake quantizer does, so the float weights are the same. Activations keep one step.
 
 Refused with one line: a quantizer without integer codes (non-uniform levels, DoReFa activations, a plugin without
 ``integer_spec()``) and bit widths outside 2..8 (QuantizeLinear holds 8-bit codes at most).
@@ -109,14 +112,19 @@ class _QuantizeActivation(torch.autograd.Function):
 
 
 class _DequantizeWeight(torch.autograd.Function):
-    """Integer weight codes (an initializer) times their step: one DequantizeLinear in ONNX."""
+    """Integer weight codes (an initializer) times their step: one DequantizeLinear in ONNX; per channel (a 1-D step,
+    one per output channel) its per-axis form, ``axis=0``."""
 
     @staticmethod
-    def forward(ctx: Any, codes: Tensor, step: Tensor) -> Tensor:  # noqa: ARG004
+    def forward(ctx: Any, codes: Tensor, step: Tensor, per_channel: bool) -> Tensor:  # noqa: ARG004
+        if per_channel:
+            return codes.to(torch.float32) * step.reshape((-1,) + (1,) * (codes.dim() - 1))
         return codes.to(torch.float32) * step
 
     @staticmethod
-    def symbolic(g: Any, codes: Any, step: Any) -> Any:
+    def symbolic(g: Any, codes: Any, step: Any, per_channel: bool) -> Any:
+        if per_channel:
+            return g.op("DequantizeLinear", codes, step, axis_i=0)
         return g.op("DequantizeLinear", codes, step)
 
 
@@ -137,7 +145,10 @@ class QDQLayer(nn.Module):
                                  entry["weight_lo"], entry["weight_stride"], entry["weight_pack_bits"])
         dtype = torch.int8 if -128 <= entry["weight_lo"] and entry["weight_hi"] <= 127 else torch.int16
         self.register_buffer("weight_codes", codes.reshape(entry["weight_shape"]).to(dtype))
-        self.register_buffer("weight_step", torch.tensor(entry["weight_step"], dtype=torch.float32))
+        # one float32 step, or per channel a 1-D float32 tensor of C_out steps (DequantizeLinear's per-axis scale)
+        step = entry["weight_step"]
+        step = step.detach().clone() if isinstance(step, Tensor) else torch.tensor(step)
+        self.register_buffer("weight_step", step.to(torch.float32))
         bias = entry.get("bias")
         self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
         self.spec = dict(entry["input"])
@@ -145,7 +156,7 @@ class QDQLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = _QuantizeActivation.apply(x, self.spec)
-        weight = _DequantizeWeight.apply(self.weight_codes, self.weight_step)
+        weight = _DequantizeWeight.apply(self.weight_codes, self.weight_step, self.weight_step.dim() == 1)
         g = self.geometry
         if g["kind"] == "linear":
             return F.linear(x, weight, self.bias)

@@ -20,9 +20,10 @@ from quantbench.models import create_model
 from quantbench.qat import QuantConfig, quantize_, quantized_layers
 
 QUANTIZED = [("lsq", 2), ("lsq", 4), ("fixed", 2), ("qil", 2), ("pact", 2)]
+PER_CHANNEL = [("lsq-per-channel", 4), ("lsq-per-channel", 2)]  # lsq, one weight step per output channel
 
 
-@pytest.mark.parametrize("name,bits", QUANTIZED)
+@pytest.mark.parametrize("name,bits", QUANTIZED + PER_CHANNEL)
 def test_integer_path_reproduces_the_fake_quantized_model(runs, name: str, bits: int) -> None:
     run_dir = runs[(name, bits)]
     exported = export_run(run_dir)
@@ -56,6 +57,56 @@ def test_export_holds_int8_codes_steps_and_the_model_description(runs) -> None:
         # codes times the step are the fake-quantized weights
         torch.testing.assert_close(codes.double() * entry["weight_step"], quantizer(layer.weight).detach().double())
     assert not any("_quantizer." in key for key in payload["float_state"])
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_per_channel_export_holds_one_step_per_output_channel(runs, pack: bool) -> None:
+    run_dir = runs[("lsq-per-channel", 4)]
+    path = export_run(run_dir, out=run_dir / f"per-channel-{pack}.pt", pack=pack).path
+    payload = read_export(path)  # weights_only: the per-channel steps are a plain float64 tensor
+    model = load_run(run_dir).model
+    integer_layers = {n: m for n, m in integer_model(payload).named_modules() if isinstance(m, IntegerLayer)}
+    for name, layer in quantized_layers(model):
+        entry = payload["layers"][name]
+        quantizer = layer.weight_quantizer
+        channels = layer.weight.shape[0]
+        steps = entry["weight_step"]
+        assert steps.dtype == torch.float64 and steps.shape == (channels,)
+        assert torch.equal(steps, quantizer.step_size.detach().abs().double())  # the float32 steps, exactly
+        assert len(set(steps.tolist())) > 1  # really one step per channel
+        assert isinstance(entry["input"]["step"], float)  # activations keep one step
+        codes = integer_layers[name].weight_codes
+        assert -quantizer.qn <= int(codes.min()) and int(codes.max()) <= quantizer.qp
+        fake = quantizer(layer.weight).detach()
+        view = (-1,) + (1,) * (fake.dim() - 1)
+        # codes[c] x s_w[c] is each channel's fake-quantized weights, bit for bit in float32 (the forward's product)
+        assert torch.equal(codes.float() * steps.float().reshape(view), fake)
+        if not pack:
+            assert entry["weight_codes"].dtype == torch.int8
+
+
+def test_per_channel_rescale_is_per_output_channel(runs) -> None:
+    run_dir = runs[("lsq-per-channel", 2)]
+    payload = read_export(export_run(run_dir, out=run_dir / "rescale.pt").path)
+    for name, entry in payload["layers"].items():
+        layer = IntegerLayer(entry)
+        expected = entry["weight_step"] * entry["input"]["step"]  # float64, one per output channel
+        assert torch.equal(layer.rescale.flatten(), expected)
+        assert layer.rescale.dtype == torch.float64 and "ch" in layer.extra_repr()
+
+
+def test_cli_export_and_evaluate_per_channel(runs, tmp_path: Path) -> None:
+    run_dir = runs[("lsq-per-channel", 4)]
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["export", str(run_dir), "--out", str(tmp_path / "m.pt"), "--json",
+                                     str(tmp_path / "size.json")])
+    assert result.exit_code == 0, result.output
+    size = json.loads((tmp_path / "size.json").read_text())
+    assert all(isinstance(row["weight_step"], list) for row in size["layers"])  # per-channel steps in the JSON
+    result = runner.invoke(cli.app, ["evaluate", str(run_dir), "--compare", "--export", str(tmp_path / "m.pt"),
+                                     "--json", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval.json").read_text())["comparison"]["predictions_differing"] == 0
 
 
 def test_qil_with_learned_gamma_runs_on_integers(runs) -> None:
@@ -172,3 +223,22 @@ def test_a_plugin_runs_on_integers_through_integer_spec() -> None:
     payload = build_export(model, {"train": {"model": "small_cnn"}, "num_classes": 10, "in_channels": 1}, sample)
     with torch.no_grad():
         torch.testing.assert_close(integer_model(payload)(sample), model(sample), rtol=1e-5, atol=1e-5)
+
+
+class _PerChannelWrongCount(_NoIntegerSpec):
+    """A plugin whose weight spec gives per-channel steps that do not fit the weight's output channels."""
+
+    def integer_spec(self) -> dict:
+        step = float(self.step)
+        if self.role == "weight":
+            return {"step": [step] * 3, "lo": -self.qn, "hi": self.qp}
+        return {"step": step, "lo": -self.qn, "hi": self.qp, "width": step}
+
+
+def test_per_channel_steps_that_do_not_fit_the_channels_are_a_one_line_error() -> None:
+    from tests.helpers import assert_one_line
+
+    model, sample = _quantized_model("test-integer-per-channel-count", _PerChannelWrongCount)
+    with pytest.raises(QuantbenchError) as error:
+        build_export(model, {}, sample)
+    assert_one_line(error.value, "3 per-channel steps", "output channels")

@@ -24,6 +24,7 @@ onnx = pytest.importorskip("onnx")
 numpy_helper = onnx.numpy_helper
 
 QUANTIZED = [("lsq", 2), ("lsq", 4), ("fixed", 2), ("pact", 2), ("qil", 2)]
+PER_CHANNEL = [("lsq-per-channel", 4), ("lsq-per-channel", 2)]  # lsq, one weight step per output channel
 
 
 def _graph(path: Path) -> tuple[object, dict[str, object]]:
@@ -31,7 +32,7 @@ def _graph(path: Path) -> tuple[object, dict[str, object]]:
     return model, {tensor.name: tensor for tensor in model.graph.initializer}
 
 
-@pytest.mark.parametrize("name,bits", QUANTIZED)
+@pytest.mark.parametrize("name,bits", QUANTIZED + PER_CHANNEL)
 def test_onnx_runtime_reproduces_the_fake_quantized_model(runs, name: str, bits: int) -> None:
     run_dir = runs[(name, bits)]
     in_memory = evaluate_paths(run_dir, paths=("onnx",))  # no model.onnx yet: exported in memory
@@ -81,6 +82,35 @@ def test_graph_is_qdq_with_integer_weight_initializers(runs, name: str, bits: in
     shapes = {tuple(layer.weight.shape) for _, layer in layers}
     assert not [t.name for t in model.graph.initializer
                 if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) in shapes]
+
+
+def test_per_channel_weights_use_per_axis_dequantize_linear(runs, tmp_path: Path) -> None:
+    run_dir = runs[("lsq-per-channel", 4)]
+    model, initializers = _graph(export_onnx_run(run_dir, out=tmp_path / "m.onnx").path)
+    onnx.checker.check_model(model, full_check=True)
+    layers = quantized_layers(load_run(run_dir).model)
+    weights = [node for node in model.graph.node
+               if node.op_type == "DequantizeLinear" and node.input[0] in initializers]
+    assert len(weights) == len(layers)
+    by_shape = {}
+    for node in weights:
+        attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
+        assert attributes == {"axis": 0}  # the per-axis form
+        codes = numpy_helper.to_array(initializers[node.input[0]])
+        scale = numpy_helper.to_array(initializers[node.input[1]])
+        assert codes.dtype.name == "int8" and scale.dtype.name == "float32"
+        assert scale.shape == (codes.shape[0],)  # one step per output channel (C_out)
+        by_shape[codes.shape] = (torch.from_numpy(codes.copy()), torch.from_numpy(scale.copy()))
+    for _, layer in layers:
+        codes, scale = by_shape[tuple(layer.weight.shape)]
+        assert torch.equal(scale, layer.weight_quantizer.step_size.detach().abs())
+        fake = layer.weight_quantizer(layer.weight).detach()
+        # what DequantizeLinear computes, code * s_c in float32: the fake-quantized weights bit for bit
+        assert torch.equal(codes.float() * scale.reshape((-1,) + (1,) * (codes.dim() - 1)), fake)
+    # the activations' DequantizeLinear keep one step (no axis)
+    activation = [node for node in model.graph.node
+                  if node.op_type == "DequantizeLinear" and node.input[0] not in initializers]
+    assert len(activation) == len(layers) and not any(node.attribute for node in activation)
 
 
 def test_activations_use_uint8_after_relu_and_the_learned_step(runs, tmp_path: Path) -> None:

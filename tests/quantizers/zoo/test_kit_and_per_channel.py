@@ -86,9 +86,64 @@ def test_per_channel_init_is_lsq_rule_per_channel_and_reloads() -> None:
     clone = quantizers.create("lsq", bits=4, signed=True, per_channel=True)
     clone.load_state_dict(quantizer.state_dict())
     assert torch.equal(clone(weights), output)
+
+
+@pytest.mark.parametrize("name,options", [("lsq", {}), ("fixed", {}), ("lsq_plus", {}), ("lsq_plus", {"init": "lsq"})])
+def test_per_channel_integer_spec_has_one_step_per_output_channel(name: str, options: dict) -> None:
+    weights = _weights().float()
+    quantizer = quantizers.create(name, bits=4, signed=True, per_channel=True, **options)
+    output = quantizer(weights).detach()
+    spec = quantizer.integer_spec()
+    steps = quantizer.step_size.detach().abs()
+    # the float32 steps the forward divides by, exactly; weights only, so no activation requantizer
+    assert spec.per_channel and spec.step == [float(step) for step in steps] and len(spec.step) == 6
+    assert (spec.lo, spec.hi, spec.stride, spec.width) == (-8, 7, 1, None)
+    codes = torch.round(output / steps.reshape(-1, 1, 1, 1))
+    assert torch.equal(codes.float() * steps.reshape(-1, 1, 1, 1), output)  # code * s_c in float32: bit for bit
+    assert int(codes.min()) >= spec.lo and int(codes.max()) <= spec.hi
+    assert torch.equal(spec.steps(6), torch.tensor(spec.step, dtype=torch.float64))
+
+
+def test_a_per_tensor_spec_is_unchanged_and_activations_keep_one_step() -> None:
+    weights = quantizers.create("lsq", bits=4, signed=True)
+    weights(_weights().float())
+    spec = weights.integer_spec()
+    assert isinstance(spec.step, float) and not spec.per_channel and spec.width == spec.step
+    activation = quantizers.create("lsq", bits=4, signed=False, per_channel=True)
+    activation(torch.rand(2, 3, 4, 4))
+    assert not activation.integer_spec().per_channel and activation.integer_spec().width is not None
+
+
+def test_integer_spec_step_forms() -> None:
+    # a plugin may give a list, a tuple or a tensor of steps, or the dict form; one step stays a float
+    assert quantizers.IntegerSpec.coerce({"step": (0.5, 0.25), "lo": -2, "hi": 1}).step == [0.5, 0.25]
+    assert quantizers.IntegerSpec(torch.tensor([0.5, 0.25]), -2, 1).step == [0.5, 0.25]
+    assert quantizers.IntegerSpec(torch.tensor(0.5), -2, 1, width=0.5).step == 0.5
     with pytest.raises(quantizers.QuantizerError) as error:
-        quantizer.integer_spec()
-    assert_one_line(error.value, "per-channel", "per_channel=false")
+        quantizers.IntegerSpec([0.5, 0.25], 0, 3, width=0.5)
+    assert_one_line(error.value, "per-channel", "weights only")
+    with pytest.raises(quantizers.QuantizerError) as error:
+        quantizers.IntegerSpec([0.5, 0.0], -2, 1)
+    assert_one_line(error.value, "positive and finite")
+    with pytest.raises(quantizers.QuantizerError) as error:
+        quantizers.IntegerSpec([0.5, 0.25], -2, 1).steps(3)
+    assert_one_line(error.value, "2 per-channel steps", "3 output")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_n2uq_weights_are_odd_codes_times_one_unit_per_channel(bits: int) -> None:
+    weights = _weights().float()
+    quantizer = quantizers.create("n2uq", bits=bits, signed=True, role="weight")
+    output = quantizer(weights).detach()
+    spec = quantizer.integer_spec()
+    n = 2**bits - 1
+    assert (spec.lo, spec.hi, spec.stride) == (-n, n, 2) and spec.per_channel
+    scale = quantizer.gamma * weights.abs().flatten(1).mean(1)
+    assert spec.step == pytest.approx((scale / n).tolist(), rel=1e-6)
+    units = torch.tensor(spec.step, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    codes = torch.round(output.double() / units)
+    assert bool((codes.remainder(2) == 1).all()) and int(codes.abs().max()) <= n  # odd codes in [-n, n]
+    torch.testing.assert_close(codes * units, output.double(), rtol=1e-6, atol=0.0)
 
 
 def test_per_channel_is_a_weight_option_only() -> None:
