@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.helpers import QUANTBENCH, REPO, subprocess_env
-from quantbench.comparison.compare import QUICK_PRESET, build_config, plan, run_compare
+from quantbench.comparison.compare import QUICK_PRESET, build_config, plan, run_compare, variants_for
 from quantbench.config import load_config_file
 from quantbench.errors import QuantbenchError
 from quantbench.comparison.report import paired_differences, reference_label, sweep_markdown, table1_markdown, write_report
@@ -32,7 +32,8 @@ def test_preset_then_file_then_flags(tmp_path: Path) -> None:
 def test_experiment_configs_are_valid(path: Path) -> None:
     config = build_config(load_config_file(path))
     runs = plan(config)
-    assert len(runs) == len(config.seeds) * (1 + len(config.quantizers) * len(config.bits))
+    cells = sum(len(variants_for(config, name)) for name in config.quantizers) * len(config.bits)
+    assert len(runs) == len(config.seeds) * (1 + cells)  # a baseline per seed, then every cell of every sweep
 
 
 def test_bad_compare_input_is_clear(tmp_path: Path) -> None:
