@@ -129,7 +129,8 @@ def _recipe(config: dict[str, Any]) -> dict[str, Any]:
     the device it picks are the same setting."""
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     recipe = {key: value for key, value in {**defaults, **config}.items()
-              if key not in ("threads", "workers", "dynamics_every", "tensorboard")}  # recording only
+              if key not in ("threads", "workers", "dynamics_every", "tensorboard",  # speed, recording only
+                             "data_pipeline")}  # the same batches either way; only augmentation draws differ
     recipe["device"] = resolve_device(recipe["device"]).type
     return recipe
 
@@ -230,8 +231,8 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
     data = create_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
     checkpoint = _read_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
     requested = config.data_pipeline
-    if checkpoint is not None and "data_pipeline" not in checkpoint["config"] and requested == "auto":
-        requested = "loader"  # the run started before the in-memory pipeline existed: keep the data it trained on
+    if checkpoint is not None and requested == "auto":  # a resumed run keeps the pipeline it started with (a run
+        requested = checkpoint["config"].get("data_pipeline", "loader")  # from before the memory one: loader)
     config = replace(config, data_pipeline=pipeline_for(data, requested))  # recorded as the one that ran
     loader, test_loader = data_loaders(data, config, context, device)
     steps_per_epoch = len(loader)
