@@ -26,6 +26,7 @@ SCHEDULES = ("cosine", "step")
 DEVICES = ("cpu", "cuda", "auto")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 BN_MODES = ("float", "fold")
+DATA_PIPELINES = ("auto", "memory", "loader")
 
 
 def paper_lr(bits: int | None) -> float:
@@ -101,6 +102,7 @@ class TrainConfig:
     compile: bool = _doc(False, "torch.compile the whole (quantized) model")
     threads: int | None = _doc(None, "torch CPU threads; None: torch's default")
     workers: int = _doc(0, "DataLoader worker processes (0: load in the training process)")
+    data_pipeline: str = _doc("auto", "memory: whole splits as tensors on the device, augmented per batch (digits, fashion-mnist, cifar); loader: torchvision transforms through a DataLoader; auto: memory where the dataset has it")
     max_train_batches: int | None = _doc(None, "a smoke-test cap on batches per epoch (recorded; never a default)")
     bn: str = _doc("float", "BatchNorm after a conv: float (paper: a float op) or fold (folded into the conv before weight quantization)")
     freeze_bn_epoch: int | None = _doc(None, "with --bn fold, freeze BN statistics from this epoch (0-based) on; None: never")
@@ -132,6 +134,8 @@ class TrainConfig:
         check_device(self.device)
         if self.amp not in AMP_MODES:
             raise QuantbenchError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.data_pipeline not in DATA_PIPELINES:
+            raise QuantbenchError(f"--data-pipeline must be one of {', '.join(DATA_PIPELINES)}, got {self.data_pipeline!r}")
         if self.bn not in BN_MODES:
             raise QuantbenchError(f"--bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
         if self.freeze_bn_epoch is not None and (isinstance(self.freeze_bn_epoch, bool)

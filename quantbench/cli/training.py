@@ -151,6 +151,7 @@ def train_command(
     compile_model: Annotated[Optional[bool], _train_option("compile", "--compile/--no-compile")] = None,
     threads: Annotated[Optional[int], _train_option("threads")] = None,
     workers: Annotated[Optional[int], _train_option("workers")] = None,
+    data_pipeline: Annotated[Optional[str], _train_option("data_pipeline")] = None,
     dynamics_every: Annotated[Optional[int], _train_option("dynamics_every")] = None,
     oscillation_dampen: Annotated[Optional[float], _train_option("oscillation_dampen")] = None,
     oscillation_freeze: Annotated[Optional[float], _train_option("oscillation_freeze")] = None,
@@ -172,7 +173,7 @@ def train_command(
              "init_from": init_from, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
              "schedule": schedule, "distill": distill, "seed": seed, "data_dir": data_dir, "download": download,
              "device": device, "max_train_batches": max_train_batches, "compile": compile_model, "threads": threads,
-             "workers": workers, "out": out, "amp": amp, "sync_bn": sync_bn, "channels_last": channels_last,
+             "workers": workers, "data_pipeline": data_pipeline, "out": out, "amp": amp, "sync_bn": sync_bn, "channels_last": channels_last,
              "bn": bn, "freeze_bn_epoch": freeze_bn_epoch, "dynamics_every": dynamics_every,
              "oscillation_dampen": oscillation_dampen, "oscillation_freeze": oscillation_freeze, "tensorboard": tensorboard}
     given = merge(load_config_file(config_file) if config_file else None, flags)

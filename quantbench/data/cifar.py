@@ -6,9 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.error import URLError
 
+from typing import Any
+
+import numpy as np
+import torch
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
+from .memory import TensorSplit
 from .registry import DatasetNotFoundError, DatasetBundle, register_dataset, _one_line, DEFAULT_DATA_ROOT, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
 
@@ -50,7 +55,19 @@ def _build_cifar(
         in_channels=3,
         image_size=32,
         source=str(root / dataset_class.base_folder),
+        # the same pixels for the in-memory pipeline (HWC uint8 -> NCHW): crops and flips drawn per batch
+        train_tensors=TensorSplit(_nchw(train.data), _labels(train.targets), mean, std, flip=train_augment,
+                                  crop_padding=4 if train_augment else 0),
+        test_tensors=TensorSplit(_nchw(test.data), _labels(test.targets), mean, std),
     )
+
+
+def _nchw(images: Any) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def _labels(targets: Any) -> torch.Tensor:
+    return torch.as_tensor(targets, dtype=torch.int64)
 
 
 @register_dataset("cifar10")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .memory import TensorSplit
 from .registry import DatasetBundle, register_dataset, DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION
 
 
@@ -41,12 +42,15 @@ def build_digits(data_dir: Path | None = None, download: bool = False, train_aug
         standardized = (torch.from_numpy(split_images) - mean) / std
         return TensorDataset(standardized.unsqueeze(1).contiguous(), torch.from_numpy(split_labels))
 
+    train, test = to_dataset(train_images, train_labels), to_dataset(test_images, test_labels)
     return DatasetBundle(
         name="digits",
-        train=to_dataset(train_images, train_labels),
-        test=to_dataset(test_images, test_labels),
+        train=train,
+        test=test,
         num_classes=10,
         in_channels=1,
         image_size=8,
+        train_tensors=TensorSplit(*train.tensors),  # already standardized floats, no augmentation
+        test_tensors=TensorSplit(*test.tensors),
         source=f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__}; stratified 80/20 split, seed 0)",
     )

@@ -13,6 +13,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
 from quantbench.errors import QuantbenchError
+from .memory import TensorSplit
 from .registry import DatasetNotFoundError, DatasetBundle, register_dataset, _one_line, DEFAULT_DATA_ROOT, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 #: Installed by the Debian package ``dataset-fashion-mnist`` (gzipped IDX files, read-only).
@@ -135,12 +136,18 @@ def build_fashion_mnist(
     source = str(raw_dir)
     if raw_dir == DEBIAN_FASHION_MNIST_DIR:
         source += " (Debian package dataset-fashion-mnist)"
+    train = IdxFashionMNIST(raw_dir, train=True, transform=train_transform)
+    test = IdxFashionMNIST(raw_dir, train=False, transform=transforms.Compose(normalize))
     return DatasetBundle(
         name="fashion-mnist",
-        train=IdxFashionMNIST(raw_dir, train=True, transform=train_transform),
-        test=IdxFashionMNIST(raw_dir, train=False, transform=transforms.Compose(normalize)),
+        train=train,
+        test=test,
         num_classes=10,
         in_channels=1,
         image_size=28,
         source=source,
+        # the same pixels for the in-memory pipeline: flips drawn per batch, ToTensor/Normalize's arithmetic
+        train_tensors=TensorSplit(train.data.unsqueeze(1), train.targets, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
+                                  flip=train_augment),
+        test_tensors=TensorSplit(test.data.unsqueeze(1), test.targets, FASHION_MNIST_MEAN, FASHION_MNIST_STD),
     )

@@ -11,6 +11,8 @@ from torch.utils.data import Dataset
 
 from quantbench.utils.registry import Registry
 
+from .memory import TensorSplit
+
 
 #: Where ``download=True`` puts data when no ``data_dir`` is given, and where we look for earlier downloads.
 DEFAULT_DATA_ROOT = Path.home() / ".cache" / "quantbench" / "data"
@@ -43,6 +45,9 @@ class DatasetBundle:
     image_size: int
     #: where the data came from (a path, a package), recorded in run metadata for reproducibility
     source: str
+    #: the splits as tensors for the in-memory pipeline (``quantbench.data.memory``); None: DataLoader only
+    train_tensors: TensorSplit | None = None
+    test_tensors: TensorSplit | None = None
 
 
 DatasetBuilder = Callable[..., DatasetBundle]

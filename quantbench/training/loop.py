@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from quantbench.config import TrainConfig, paper_lr
 from quantbench.qat import quantizer_parameters, regularization
-from quantbench.training.distributed import Context, train_loader
+from quantbench.data.memory import EvalBatches, MemoryLoader, pipeline_for
+from quantbench.training.distributed import Context, per_rank_batch, train_loader
 from quantbench.utils.modules import topk_correct
 
 #: ``callback(step, loss, logits, labels)``: step is the global iteration; gradients are in ``.grad``
@@ -35,11 +36,25 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def epoch_loader(data: Any, config: TrainConfig, epoch: int, context: Context | None = None) -> DataLoader:
-    """The training batches of one epoch, in an order that depends only on (seed, epoch), so a resumed run, every
-    quantizer of a comparison and every world size see the same global batches (see ``distributed.EpochSampler``)."""
-    loader = train_loader(data.train, config.batch_size, config.seed, context or Context(), config.workers,
-                          pin_memory=False)
+def data_loaders(data: Any, config: TrainConfig, context: Context, device: torch.device) -> tuple[Any, Any]:
+    """The training batches (``loader.sampler.set_epoch(epoch)``, then iterate; an order that depends only on (seed,
+    epoch), so a resumed run, every quantizer of a comparison and every world size see the same global batches) and
+    the test batches, through ``config.data_pipeline``: ``memory`` (:mod:`quantbench.data.memory`) or ``loader``."""
+    pipeline = pipeline_for(data, config.data_pipeline)
+    rank_batch = per_rank_batch(config.batch_size, context)  # a batch size the world size cannot split fails here
+    if pipeline == "memory":
+        return (MemoryLoader(data.train_tensors, rank_batch * context.world_size, config.seed, context.rank,
+                             context.world_size, device),
+                EvalBatches(data.test_tensors, 256, device))
+    return (train_loader(data.train, config.batch_size, config.seed, context, config.workers, device.type == "cuda"),
+            DataLoader(data.test, batch_size=256, shuffle=False, num_workers=config.workers,
+                       pin_memory=device.type == "cuda"))
+
+
+def epoch_loader(data: Any, config: TrainConfig, epoch: int, context: Context | None = None,
+                 device: torch.device | str = "cpu") -> Any:
+    """The training batches ``train`` sees in ``epoch`` (see :func:`data_loaders`)."""
+    loader, _ = data_loaders(data, config, context or Context(), torch.device(device))
     loader.sampler.set_epoch(epoch)
     return loader
 

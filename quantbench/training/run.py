@@ -23,7 +23,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,15 @@ from torch.utils.data import DataLoader
 
 from quantbench.config import TrainConfig
 from quantbench.data import create_dataset
+from quantbench.data.memory import MemoryLoader, pipeline_for
 from quantbench.errors import QuantbenchError
 from quantbench.models import create_model
 from quantbench.qat import QuantConfig, layer_table, model_size_bits, plan_from_layer_table, quantize_
 from quantbench.qat_bnfold import apply_bn_mode, set_bn_frozen
 from quantbench.training import distributed, dynamics as run_dynamics
-from quantbench.training.distributed import Context, launched_context, train_loader
+from quantbench.training.distributed import Context, launched_context
 from quantbench.training.environment import environment, numerics, resolve_amp
-from quantbench.training.loop import Trainer, evaluate, make_optimizer, seed_everything, train_one_epoch
+from quantbench.training.loop import Trainer, data_loaders, evaluate, make_optimizer, seed_everything, train_one_epoch
 from quantbench.utils.io import process_alive, save_torch, write_csv, write_json
 
 def load_state_dict_file(source: str) -> dict[str, torch.Tensor]:
@@ -128,7 +129,8 @@ def _recipe(config: dict[str, Any]) -> dict[str, Any]:
     the device it picks are the same setting."""
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     recipe = {key: value for key, value in {**defaults, **config}.items()
-              if key not in ("threads", "workers", "dynamics_every", "tensorboard")}  # recording only
+              if key not in ("threads", "workers", "dynamics_every", "tensorboard",  # speed, recording only
+                             "data_pipeline")}  # the same batches either way; only augmentation draws differ
     recipe["device"] = resolve_device(recipe["device"]).type
     return recipe
 
@@ -227,9 +229,12 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     main = context.is_main
     data = create_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
-    test_loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=config.workers,
-                             pin_memory=device.type == "cuda")
-    loader = train_loader(data.train, config.batch_size, config.seed, context, config.workers, device.type == "cuda")
+    checkpoint = _read_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    requested = config.data_pipeline
+    if checkpoint is not None and requested == "auto":  # a resumed run keeps the pipeline it started with (a run
+        requested = checkpoint["config"].get("data_pipeline", "loader")  # from before the memory one: loader)
+    config = replace(config, data_pipeline=pipeline_for(data, requested))  # recorded as the one that ran
+    loader, test_loader = data_loaders(data, config, context, device)
     steps_per_epoch = len(loader)
     if config.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, config.max_train_batches)
@@ -238,7 +243,6 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
 
     history: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
-    checkpoint = _read_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
     if checkpoint is not None:
         if _recipe(checkpoint["config"]) != _recipe(asdict(config)):
             raise QuantbenchError(f"{out} holds a run with a different config; resume with the same options or use another --out")
@@ -247,7 +251,8 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
     elif config.quantizer is not None:
         # Quantizers initialize from the first global batch on every rank, before DDP: identical state by
         # construction (see quantbench.training.distributed), and what a 1-process run's first step would do.
-        first = distributed.first_global_batch(data.train, config.batch_size, config.seed, epoch=0)
+        first = (loader.global_batch(epoch=0) if isinstance(loader, MemoryLoader)
+                 else distributed.first_global_batch(data.train, config.batch_size, config.seed, epoch=0))
         distributed.initialize_quantizers(model, first.to(device))
     if config.sync_bn and context.is_distributed:
         model = distributed.sync_batchnorm(model, device)

@@ -77,3 +77,38 @@ def test_paper_pseudocode_contender_is_lsq(monkeypatch) -> None:
     assert torch.equal(paper.detach(), quantizer(v).detach())
     assert torch.allclose(paper_leaf.grad, leaf.grad, rtol=1e-12)
     assert torch.allclose(paper_step.grad, quantizer.step_size.grad, rtol=1e-9)
+
+
+def test_whole_job_benchmark_times_train_against_the_bare_loop(tmp_path: Path) -> None:
+    """Structure only: every contender of both precisions is timed and the ratios are to the bare loop."""
+    from benchmarks.whole_job import main
+
+    frame = main(["--dataset", "digits", "--rounds", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert set(frame["contender"]) == {f"{label}: {kind}" for label in ("fp", "lsq 2-bit")
+                                       for kind in ("bare", "train[memory]", "train[loader]")}
+    bare = frame[frame["contender"].str.endswith("bare")]
+    assert (bare["ratio_to_bare"] == 1.0).all() and (frame["median_s"] > 0).all()
+    assert "python -m benchmarks.whole_job" in (tmp_path / "whole_job.md").read_text()
+
+
+def test_torch_ao_benchmark_runs_each_contender_the_way_it_is_called(tmp_path: Path) -> None:
+    result = run_module("benchmarks.torch_ao", "--sizes", "12", "--rounds", "1", "--threads", "1",
+                        "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame = pd.read_csv(tmp_path / "torch_ao.csv")
+    assert set(frame["contender"]) == {"lsq", "torch.ao module", "torch.ao kernel", "torch.ao kernel, fixed zero point"}
+    assert set(frame["setting"]) == {"warm", "default"}
+    assert (frame[frame["contender"] == "lsq"]["ratio_to_lsq"] == 1.0).all()
+
+
+def test_torch_ao_contenders_compute_lsqs_quantizer() -> None:
+    """The ratio compares the same maths: torch.ao's module and kernel give LSQ's output (torch.ao multiplies by
+    1/scale, LSQ divides: rare elements at a rounding tie may differ by one level)."""
+    from benchmarks.torch_ao import contenders
+
+    x = torch.rand(1 << 14, generator=torch.Generator().manual_seed(0)) * 4
+    built = contenders(x, 2)
+    reference = built["lsq"][0](x).detach()
+    for name, (fn, params) in built.items():
+        output = fn(x.clone().requires_grad_(True))
+        assert (output.detach() == reference).float().mean() > 0.999, name
