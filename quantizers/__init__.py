@@ -10,7 +10,7 @@ Write your own in one file: subclass ``Quantizer``, build ``quantize`` from ``ro
 
 Layout: ``base`` (the contract), ``registry``, ``ste`` (the straight-through primitives: the plugin API),
 ``integer`` (``IntegerSpec``), ``conformance`` (the kit), one file per family (``lsq``, ``qil``, ``pact``, ``fixed``, ``lsq_plus``, ``dsq``, ``apot``,
-``ewgs``, ``n2uq``, ``tqt``, ``dorefa``)
+``ewgs``, ``n2uq``, ``tqt``, ``dorefa``, and the rest of LSQ's Table 1: ``faq``, ``lq_nets``, ``nice``, ``msqe_reg``)
 and ``kernels/`` (the fused ops, their C and compiled kernels, and the switch that picks one).
 """
 
@@ -22,6 +22,7 @@ from .ste import record_surrogate, replay_surrogate, round_ste, scale_grad, stop
 
 # Built-in quantizers register themselves on import (one file per family).
 from . import apot, dorefa, dsq, ewgs, fixed, lsq, lsq_plus, n2uq, pact, qil, tqt  # noqa: E402,F401  isort: skip
+from . import lq_nets  # noqa: E402,F401  isort: skip  (the rest of the LSQ paper's Table 1)
 
 __all__ = [
     "Quantizer",
