@@ -20,7 +20,14 @@ weights, unsigned activations, signed activations), on Hypothesis-generated tens
   sign of its upstream gradient) has no single surrogate: it declares ``upstream_dependent_gradient = True`` and
   builds, under the tape, pieces that a backward pass fills in (e.g. that sign, via a tensor hook). The kit then
   records its surrogate with autograd on and back-propagates the *same* loss once before replaying it, so the
-  finite differences are those of the surrogate for the upstream gradient autograd sees.
+  finite differences are those of the surrogate for the upstream gradient autograd sees. A quantizer declaring
+  ``stochastic = True`` (NICE's noise) has torch's RNG seeded identically before every forward of the check, so
+  its noise is frozen and the finite differences are those of one draw.
+* ``stages``: the gradient check again in each training stage the quantizer names (``conformance_stages()``: NICE's
+  noise block and its not-yet-quantized block, msqe_reg's soft phase), noise frozen the same way; n/a without any.
+* ``step-hook``: for a quantizer with an ``after_step`` hook (LQ-Nets' basis update), five training steps of forward,
+  backward and hook: outputs stay on ``levels()``, the state stays finite, and a hook with no training forward since
+  the last one changes nothing; n/a without a hook.
 """
 
 from __future__ import annotations
