@@ -22,7 +22,7 @@ from .ste import record_surrogate, replay_surrogate, round_ste, scale_grad, stop
 
 # Built-in quantizers register themselves on import (one file per family).
 from . import apot, dorefa, dsq, ewgs, fixed, lsq, lsq_plus, n2uq, pact, qil, tqt  # noqa: E402,F401  isort: skip
-from . import lq_nets, nice  # noqa: E402,F401  isort: skip  (the rest of the LSQ paper's Table 1)
+from . import faq, lq_nets, msqe_reg, nice  # noqa: E402,F401  isort: skip  (the rest of the LSQ paper's Table 1)
 
 __all__ = [
     "Quantizer",
