@@ -19,6 +19,9 @@ Conventions (recorded in ``options()``), where quantbench departs from the code:
   u / (2^K - 1)`` with ``u = sqrt(2 mean(x^2))``, which is 1 for ReLU of unit-variance inputs, where it equals the
   code's constant; signed activations (the image input; the code has none) use weights' {-1, +1} codes and rule with
   the input's std, one basis, clipped at both ends.
+* ``init_fits`` (default 0, the code): that many least-squares fits of the basis on the init data, without the
+  moving average, before training; the code's init clips at about 1.35 std at every bit width and relies on many
+  training steps of updates to widen it, which a short fine-tune does not have.
 * ``ridge`` (delta, default the code's 1e-4) regularizes activations too (the code's activation update has none and
   would fail on a batch that never sets one bit); with counts in the thousands it changes nothing else.
 * data parallel: each step's counts and sums are all-reduced before the update, so every rank fits the global batch
@@ -57,13 +60,15 @@ class LQNets(Quantizer):
     """LQ-Nets (Zhang et al. 2018): levels v.e from a basis fitted by least squares every step, outside autograd."""
 
     def __init__(self, bits: int, signed: bool, role: str | None = None, momentum: float = 0.9, ridge: float = 1e-4,
-                 per_channel: bool = True) -> None:
+                 per_channel: bool = True, init_fits: int = 0) -> None:
         super().__init__(bits, signed, role)
         if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise QuantizerError(f"lq_nets momentum must be in [0, 1) (the code's 0.9), got {momentum!r}")
         if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
             raise QuantizerError(f"lq_nets ridge must be a finite number >= 0 (the code's 1e-4), got {ridge!r}")
-        self.momentum, self.ridge = float(momentum), float(ridge)
+        if isinstance(init_fits, bool) or not isinstance(init_fits, int) or init_fits < 0:
+            raise QuantizerError(f"lq_nets init_fits must be an integer >= 0 (0: the code's init alone), got {init_fits!r}")
+        self.momentum, self.ridge, self.init_fits = float(momentum), float(ridge), init_fits
         self.weights = self.role == "weight"
         self.per_channel = check_bool("lq_nets", "per_channel", per_channel) and self.weights
         self.symmetric_codes = self.weights or self.signed  # {-1, +1}^K; unsigned activations {0, 1}^K
@@ -92,6 +97,12 @@ class LQNets(Quantizer):
             channels = 1
         powers = 2.0 ** torch.arange(k, dtype=torch.float64)
         self.basis = (base * powers).repeat(channels, 1).to(self.basis.dtype).to(self.basis.device)
+        rows = v.reshape(channels, -1).to(self.basis.dtype)
+        for _ in range(self.init_fits):  # optional: least-squares fits on the init data, no averaging
+            levels, order = self.sorted_levels()
+            cell = torch.searchsorted(((levels[:, 1:] + levels[:, :-1]) / 2).contiguous(), rows.contiguous())
+            counts, sums = self._statistics(order.gather(1, cell), rows)
+            self.basis.copy_(self.fitted_basis(counts, sums, momentum=0.0).to(self.basis.dtype))
         self.mark_initialized()
 
     def apply_step(self, step: float) -> None:
@@ -132,11 +143,16 @@ class LQNets(Quantizer):
             passed = torch.clamp(rows, max=levels[:, -1:])  # the code's x_clip = min(x, top level)
         return straight_through(quantized, passed).reshape(v.shape)  # exactly the level, gradient of `passed`
 
-    def _record(self, codes: Tensor, rows: Tensor) -> None:
+    def _statistics(self, codes: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Per channel and code: how many inputs took it and their sum (B^T B and B^T x follow exactly)."""
         counts = torch.zeros(rows.shape[0], 2**self.bits, dtype=torch.float64, device=rows.device)
         sums = torch.zeros_like(counts)
         counts.scatter_add_(1, codes, torch.ones_like(rows, dtype=torch.float64))
         sums.scatter_add_(1, codes, rows.double())
+        return counts, sums
+
+    def _record(self, codes: Tensor, rows: Tensor) -> None:
+        counts, sums = self._statistics(codes, rows)
         if self._stats is not None and self._stats[0].shape == counts.shape:
             counts, sums = counts + self._stats[0], sums + self._stats[1]
         self._stats = (counts, sums)
@@ -155,8 +171,9 @@ class LQNets(Quantizer):
             distributed.all_reduce(sums)
         self.basis.copy_(self.fitted_basis(counts, sums).to(self.basis.dtype))
 
-    def fitted_basis(self, counts: Tensor, sums: Tensor) -> Tensor:
+    def fitted_basis(self, counts: Tensor, sums: Tensor, momentum: float | None = None) -> Tensor:
         """The moving average of the basis towards the ridge least-squares fit of the given code statistics."""
+        momentum = self.momentum if momentum is None else momentum
         table = code_table(self.bits, self.symmetric_codes, torch.float64, counts.device)
         basis = self.basis.detach().double()
         gram = torch.einsum("cl,lk,lj->ckj", counts, table, table)
@@ -164,7 +181,7 @@ class LQNets(Quantizer):
         target = sums @ table + self.ridge * basis
         fitted = torch.linalg.lstsq(gram, target.unsqueeze(-1)).solution.squeeze(-1)
         fitted = torch.where(torch.isfinite(fitted).all(dim=1, keepdim=True), fitted, basis)
-        return self.momentum * basis + (1 - self.momentum) * fitted
+        return momentum * basis + (1 - momentum) * fitted
 
     # ---- interface -----------------------------------------------------------------------------------------------
 

@@ -135,10 +135,19 @@ class NICE(Quantizer):
         clipped = torch.clamp(w.detach(), -clamp, clamp)
         quantized = torch.round(clipped / step) * step
         if phase == "noise":
-            noise = (torch.rand_like(w) - 0.5) * step  # U(-step/2, step/2)
-            mask = torch.rand_like(w) < self.noise_mask
-            quantized = torch.where(mask, torch.clamp(w.detach() + noise, -clamp, clamp), quantized)
+            quantized = self.inject_noise(w.detach(), clamp, quantized)
         return straight_through(quantized, w)  # the code's param.data swap: gradient 1, unclipped
+
+    def inject_noise(self, w: Tensor, clamp: Tensor, quantized: Tensor) -> Tensor:
+        """``add_improved_uni_noise``, in the code's order of random draws: the weights mapped to [0, 1] over
+        [-c, c], plus ``U(-1/(2^(b+1) - 4), +)`` (half a step), clamped and mapped back; then a Bernoulli(noise_mask)
+        mask picks those noisy values over ``Q(w)``."""
+        unit = (w + clamp) / (2 * clamp)
+        half_step = 1.0 / (2 ** (self.bits + 1) - 4)
+        noise = torch.empty_like(unit).uniform_(-half_step, half_step)
+        noisy = torch.clamp(unit + noise, 0, 1) * (2 * clamp) - clamp
+        mask = torch.bernoulli(torch.full_like(w, self.noise_mask))
+        return mask * noisy + (1 - mask) * quantized
 
     def act_clamp(self, x: Tensor, clamp: Tensor) -> Tensor:
         if self.signed:

@@ -25,7 +25,7 @@ PUBLISHED_TOP1: dict[str, tuple[str, dict[int, float]]] = {
 
 
 def published_markdown(results: pd.DataFrame) -> str:
-    """Rows: every Table 1 method in the results (variants pooled per quantizer); columns per bit width: our mean
+    """Rows: every Table 1 method in the results (one per option variant); columns per bit width: our mean
     top-1 over seeds and the paper's, "-" where it published none. Empty when no Table 1 method ran."""
     quantized = results[results["quantizer"].isin(list(PUBLISHED_TOP1))]
     if quantized.empty:
@@ -34,19 +34,22 @@ def published_markdown(results: pd.DataFrame) -> str:
     lines = ["| method | " + " | ".join(f"{b}-bit ours | {b}-bit paper" for b in bits) + " |",
              "|---|" + "---|---|" * len(bits)]
     for quantizer in PUBLISHED_TOP1:
-        runs = quantized[quantized["quantizer"] == quantizer]
-        if runs.empty:
-            continue
-        name, paper = PUBLISHED_TOP1[quantizer]
-        cells = []
-        for b in bits:
-            ours = runs[runs["bits"] == b]["top1"]
-            cells.append(f"{ours.mean():.2f}" if not ours.empty else "")
-            cells.append(f"{paper[b]:.1f}" if b in paper else "-")
-        lines.append(f"| {name} (`{quantizer}`) | " + " | ".join(cells) + " |")
+        for variant, runs in quantized[quantized["quantizer"] == quantizer].groupby("variant", sort=False):
+            lines.append(_row(quantizer, str(variant), runs, bits))
     fp = results[results["quantizer"] == "fp"]["top1"]
     ours_fp = f"{fp.mean():.2f}" if not fp.empty else "n/a"
     lines += ["", f"Full precision: ours {ours_fp}, paper {FULL_PRECISION_TOP1}. Ours: mean top-1 over seeds of this "
               f"comparison; paper: {SOURCE} (each method's own recipe). Read orderings and gaps, not values, when "
               "this comparison did not run ImageNet ResNet-18 for 90 epochs."]
     return "\n".join(lines)
+
+
+def _row(quantizer: str, variant: str, runs: pd.DataFrame, bits: list[int]) -> str:
+    name, paper = PUBLISHED_TOP1[quantizer]
+    cells = []
+    for b in bits:
+        ours = runs[runs["bits"] == b]["top1"]
+        cells.append(f"{ours.mean():.2f}" if not ours.empty else "")
+        cells.append(f"{paper[b]:.1f}" if b in paper else "-")
+    label = f"{name} (`{quantizer}`{', ' + variant if variant else ''})"
+    return f"| {label} | " + " | ".join(cells) + " |"
