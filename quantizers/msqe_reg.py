@@ -103,8 +103,9 @@ class MSQERegularized(Quantizer):
         if v is None:
             return step.sum() * 0.0  # keeps the step in the graph (data parallel expects every parameter's gradient)
         codes = torch.clamp(torch.round(v.detach() / step.detach().to(v.dtype)), -self.qn, self.qp)
-        error = (v - codes * step.to(v.dtype)).float()
-        scale = v.detach().float().pow(2).mean().clamp_min(1e-12)
+        dtype = torch.promote_types(v.dtype, torch.float32)  # at least float32 for a mixed-precision input
+        error = (v - codes * step.to(v.dtype)).to(dtype)
+        scale = v.detach().to(dtype).pow(2).mean().clamp_min(1e-12)
         return self.coefficient() * error.pow(2).mean() / scale
 
     # ---- interface -----------------------------------------------------------------------------------------------
