@@ -55,6 +55,7 @@ class MSQERegularized(Quantizer):
         self.reg_weight, self.soft_fraction = float(reg_weight), float(soft_fraction)
         self.step_size = nn.Parameter(torch.tensor(1.0))
         self.stage = FINAL_STAGE
+        self.soft_phase = False
         self._last_input: Tensor | None = None  # the latest training forward's input, for the regularizer
 
     # ---- operating point -----------------------------------------------------------------------------------------
@@ -73,10 +74,11 @@ class MSQERegularized(Quantizer):
 
     def set_stage(self, stage: Stage) -> None:
         self.stage = stage
+        self.soft_phase = stage.progress < self.soft_fraction  # what the forward reads (compile guards one bool)
         self._last_input = None  # a new step: an input from an earlier graph must not reach this step's loss
 
     def soft(self) -> bool:
-        return self.training and self.stage.progress < self.soft_fraction
+        return self.training and self.soft_phase
 
     def coefficient(self) -> float:
         """lambda(t): linear from 0 to reg_weight over the soft phase, then reg_weight."""

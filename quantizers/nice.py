@@ -83,6 +83,7 @@ class NICE(Quantizer):
         else:
             self.clamp = nn.Parameter(torch.tensor(1.0))
         self.stage = FINAL_STAGE
+        self.training_phase = "quantized"
 
     # ---- operating point -----------------------------------------------------------------------------------------
 
@@ -107,14 +108,21 @@ class NICE(Quantizer):
 
     def set_stage(self, stage: Stage) -> None:
         self.stage = stage
+        # the forward reads only this string: a compiled model recompiles when the phase changes, not every step
+        self.training_phase = self.phase_at(stage)
+
+    def phase_at(self, stage: Stage) -> str:
+        """What this quantizer does in training at ``stage``: quantized, noise (its block is the one being
+        trained) or float."""
+        if stage.progress >= self.stage_fraction:
+            return "quantized"
+        current = math.floor(stage.progress / self.stage_fraction * stage.layers)
+        block = stage.layer - (0 if self.weights else 1)  # an input belongs to the previous layer's block
+        return "quantized" if block < current else "noise" if block == current else "float"
 
     def phase(self) -> str:
-        """What this quantizer does now: quantized, noise (its block is the one being trained) or float."""
-        if not self.training or self.stage.progress >= self.stage_fraction:
-            return "quantized"
-        current = math.floor(self.stage.progress / self.stage_fraction * self.stage.layers)
-        block = self.stage.layer - (0 if self.weights else 1)  # an input belongs to the previous layer's block
-        return "quantized" if block < current else "noise" if block == current else "float"
+        """What this quantizer does now (evaluation: always quantized)."""
+        return self.training_phase if self.training else "quantized"
 
     def conformance_stages(self) -> list[tuple[str, Stage]]:
         offset = 0 if self.weights else 1
