@@ -99,6 +99,10 @@ class MSQERegularized(Quantizer):
         step = stop_gradient(self.effective_step()).to(v.dtype)
         return round_ste(torch.clamp(v / step, -self.qn, self.qp)) * step
 
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        self._last_input = None  # moved or cast: an input of the old device or dtype must not reach the loss
+        return super()._apply(fn, *args, **kwargs)
+
     def regularization(self) -> Tensor:
         step = self.effective_step()
         v, self._last_input = self._last_input, None
