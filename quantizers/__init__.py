@@ -14,7 +14,7 @@ Layout: ``base`` (the contract), ``registry``, ``ste`` (the straight-through pri
 and ``kernels/`` (the fused ops, their C and compiled kernels, and the switch that picks one).
 """
 
-from .base import MAX_BITS, MIN_BITS, Quantizer, QuantizerError, check_choice, data_parallel_size, lsq_init_step
+from .base import MAX_BITS, MIN_BITS, Quantizer, QuantizerError, Stage, check_choice, data_parallel_size, lsq_init_step
 from .integer import IntegerSpec
 from .kernels import kernels, lsq_quantize
 from .registry import ENTRY_POINT_GROUP, PLUGIN_ENV_VAR, available, create, get, load_plugins, options_of, register
@@ -27,6 +27,7 @@ from . import faq, lq_nets, msqe_reg, nice  # noqa: E402,F401  isort: skip  (the
 __all__ = [
     "Quantizer",
     "QuantizerError",
+    "Stage",
     "IntegerSpec",
     "check_choice",
     "kernels",
