@@ -39,6 +39,10 @@ import quantizers
 
 from .conformance_checks import (DEFAULT_BITS, ONCE_CHECKS, PROPERTY_CHECKS, ROLE_CONFIGS, NotApplicable, _factory,
                                  _run_once, _run_property)
+from .conformance_hooks import HOOK_ONCE_CHECKS, HOOK_PROPERTY_CHECKS
+
+PROPERTY = {**PROPERTY_CHECKS, **HOOK_PROPERTY_CHECKS}  # checks run on Hypothesis examples
+ONCE = {**ONCE_CHECKS, **HOOK_ONCE_CHECKS}  # checks run once per configuration
 from .conformance_report import CHECKS, CheckResult, Report
 
 
@@ -67,11 +71,11 @@ def run_checks(
                 continue
             for check in checks:
                 try:
-                    if check in PROPERTY_CHECKS:
-                        body = PROPERTY_CHECKS[check](build, bit_width, signed, role)
+                    if check in PROPERTY:
+                        body = PROPERTY[check](build, bit_width, signed, role)
                         result = _run_property(check, bit_width, signed, role, examples, body)
                     else:
-                        result = _run_once(check, bit_width, signed, role, ONCE_CHECKS[check](build, bit_width, signed, role))
+                        result = _run_once(check, bit_width, signed, role, ONCE[check](build, bit_width, signed, role))
                 except NotApplicable as reason:
                     result = CheckResult(check, bit_width, signed, role, "n/a", str(reason))
                 report.results.append(result)

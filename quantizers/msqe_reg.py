@@ -32,9 +32,8 @@ from torch import Tensor, nn
 from .base import FINAL_STAGE, Quantizer, QuantizerError, Stage
 from .fixed import mse_optimal_step
 from .integer import IntegerSpec, exact_float
-from .ste import round_ste, stop_gradient
-
 from .registry import register
+from .ste import round_ste, stop_gradient
 
 MIN_STEP = 1e-8
 
