@@ -10,11 +10,11 @@ Write your own in one file: subclass ``Quantizer``, build ``quantize`` from ``ro
 
 Layout: ``base`` (the contract), ``registry``, ``ste`` (the straight-through primitives: the plugin API),
 ``integer`` (``IntegerSpec``), ``conformance`` (the kit), one file per family (``lsq``, ``qil``, ``pact``, ``fixed``, ``lsq_plus``, ``dsq``, ``apot``,
-``ewgs``, ``n2uq``, ``tqt``, ``dorefa``)
+``ewgs``, ``n2uq``, ``tqt``, ``dorefa``, and the rest of LSQ's Table 1: ``faq``, ``lq_nets``, ``nice``, ``msqe_reg``)
 and ``kernels/`` (the fused ops, their C and compiled kernels, and the switch that picks one).
 """
 
-from .base import MAX_BITS, MIN_BITS, Quantizer, QuantizerError, check_choice, data_parallel_size, lsq_init_step
+from .base import MAX_BITS, MIN_BITS, Quantizer, QuantizerError, Stage, check_choice, data_parallel_size, lsq_init_step
 from .integer import IntegerSpec
 from .kernels import kernels, lsq_quantize
 from .registry import ENTRY_POINT_GROUP, PLUGIN_ENV_VAR, available, create, get, load_plugins, options_of, register
@@ -22,10 +22,12 @@ from .ste import record_surrogate, replay_surrogate, round_ste, scale_grad, stop
 
 # Built-in quantizers register themselves on import (one file per family).
 from . import apot, dorefa, dsq, ewgs, fixed, lsq, lsq_plus, n2uq, pact, qil, tqt  # noqa: E402,F401  isort: skip
+from . import faq, lq_nets, msqe_reg, nice  # noqa: E402,F401  isort: skip  (the rest of the LSQ paper's Table 1)
 
 __all__ = [
     "Quantizer",
     "QuantizerError",
+    "Stage",
     "IntegerSpec",
     "check_choice",
     "kernels",

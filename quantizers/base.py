@@ -7,6 +7,15 @@ point; called by ``set_step``, which validates the step first and marks the quan
 (the values it can output now) and, optionally, ``initialize(v)`` (data-driven init; the default is LSQ's rule) and
 ``integer_spec()`` (how it runs on integers; the default reads a uniform grid off ``levels()``).
 
+Training-time hooks (every one optional, each a no-op by default, so existing quantizers and plugins are unchanged):
+``set_stage(stage)``, the training-stage signal the loop gives every quantizer before each step's forward (a
+:class:`Stage`: step, total steps, epoch, progress, and where the quantizer's layer sits in the model), for methods
+that change behaviour over training (NICE's staged blocks and noise, an annealed regularizer); ``after_step(step)``,
+called after each optimizer step, outside autograd, for state updated by a rule rather than by gradients (LQ-Nets'
+basis, EMA observers); ``regularization()``, an extra loss term the loop adds. In a data-parallel job the loop
+broadcasts rank 0's state of every quantizer that overrides ``after_step`` right after the hook, so state stays
+identical on every rank whatever the hook computed (see :mod:`quantbench.training.quantizer_hooks`).
+
 Options are declared once, as ``__init__`` keyword arguments stored under the same attribute names: the registry
 reads the signature (``quantizers.options_of``), ``options()`` reads the attributes, and :func:`check_choice` gives
 the one-line error for a bad value. Everything else (bit-width validation, Q_N / Q_P, init-on-first-forward kept in
@@ -19,6 +28,7 @@ import functools
 import inspect
 import math
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +40,34 @@ from .integer import IntegerSpec, spec_from_levels
 MIN_BITS, MAX_BITS = 2, 16
 ROLES = ("weight", "activation")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where training is: the signal ``Quantizer.set_stage`` receives before each step's forward.
+
+    ``step`` of ``total_steps`` (global iterations), ``epoch`` of ``epochs``; ``layer`` is the index of the
+    quantizer's layer among the model's quantized layers in module order and ``layers`` their count (0 and 1 for a
+    quantizer outside a quantized layer). ``progress`` = step / total_steps, in [0, 1].
+    """
+
+    step: int
+    total_steps: int
+    epoch: int = 0
+    epochs: int = 1
+    layer: int = 0
+    layers: int = 1
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, max(0.0, self.step / max(1, self.total_steps)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "progress": self.progress}
+
+
+#: The stage a quantizer is in until the loop says otherwise (the kit, evaluation, export): the end of training.
+FINAL_STAGE = Stage(step=1, total_steps=1)
 
 
 class Quantizer(nn.Module):
@@ -52,6 +90,10 @@ class Quantizer(nn.Module):
     #: False (on the class or an instance) when re-quantizing the quantizer's own output is not the identity
     #: (DoReFa's tanh warp); the conformance kit then reports idempotence as not applicable instead of failing it.
     idempotent: bool = True
+    #: True when the forward draws random numbers in training (NICE's noise): the conformance kit then seeds torch's
+    #: RNG identically before every forward of its gradient check, so the noise is frozen and finite differences mean
+    #: something.
+    stochastic: ClassVar[bool] = False
 
     def __init__(self, bits: int, signed: bool, role: str | None = None) -> None:
         super().__init__()
@@ -124,9 +166,35 @@ class Quantizer(nn.Module):
         return dict(self.named_parameters())
 
     def regularization(self) -> Tensor:
-        """An extra loss term the method adds (PACT's L2 on alpha); zero by default."""
+        """An extra loss term the method adds (PACT's L2 on alpha, msqe_reg's annealed MSQE); zero by default.
+        The training loop sums it over the model's quantizers into the loss once per step, after the forward."""
         reference = next(iter(self.parameters()), self.initialized)
         return torch.zeros((), device=reference.device)
+
+    # ---- training-time hooks (optional; no-ops by default) -------------------------------------------------------
+
+    def set_stage(self, stage: Stage) -> None:
+        """The training-stage signal, before each step's forward (see :class:`Stage`). Default: ignored.
+
+        A quantizer that never receives one behaves as at the end of training (``FINAL_STAGE``): evaluation, the
+        conformance kit and export see the final method."""
+
+    def after_step(self, step: int) -> None:
+        """Called by the training loop after the optimizer step of global iteration ``step``, under
+        ``torch.no_grad()``: update state by a rule rather than by gradients (LQ-Nets' basis). Default: nothing.
+        In a data-parallel job rank 0's state is broadcast to every rank right after (so a rank-local rule cannot
+        make ranks drift); a hook may all-reduce its statistics first to use the global batch."""
+
+    def conformance_stages(self) -> list[tuple[str, Stage]]:
+        """Stages, besides the final one, in which the conformance kit also runs its gradient and shape checks
+        (``(label, stage)`` pairs; e.g. NICE's noise block). Default: none."""
+        return []
+
+    def hooks(self) -> dict[str, bool]:
+        """Which optional training-time hooks this quantizer's class overrides (recorded in run metadata)."""
+        own = type(self)
+        return {name: getattr(own, name) is not getattr(Quantizer, name)
+                for name in ("set_stage", "after_step", "regularization")}
 
     def integer_spec(self) -> IntegerSpec:
         """How this quantizer, in its current state, runs on integers (export, integer inference).
@@ -199,6 +267,7 @@ class Quantizer(nn.Module):
             "qn": self.qn,
             "qp": self.qp,
             **self.options(),
+            "hooks": self.hooks(),
         }
 
     def extra_repr(self) -> str:

@@ -20,7 +20,14 @@ weights, unsigned activations, signed activations), on Hypothesis-generated tens
   sign of its upstream gradient) has no single surrogate: it declares ``upstream_dependent_gradient = True`` and
   builds, under the tape, pieces that a backward pass fills in (e.g. that sign, via a tensor hook). The kit then
   records its surrogate with autograd on and back-propagates the *same* loss once before replaying it, so the
-  finite differences are those of the surrogate for the upstream gradient autograd sees.
+  finite differences are those of the surrogate for the upstream gradient autograd sees. A quantizer declaring
+  ``stochastic = True`` (NICE's noise) has torch's RNG seeded identically before every forward of the check, so
+  its noise is frozen and the finite differences are those of one draw.
+* ``stages``: the gradient check again in each training stage the quantizer names (``conformance_stages()``: NICE's
+  noise block and its not-yet-quantized block, msqe_reg's soft phase), noise frozen the same way; n/a without any.
+* ``step-hook``: for a quantizer with an ``after_step`` hook (LQ-Nets' basis update), five training steps of forward,
+  backward and hook: outputs stay on ``levels()``, the state stays finite, and a hook with no training forward since
+  the last one changes nothing; n/a without a hook.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ import quantizers
 
 from .conformance_checks import (DEFAULT_BITS, ONCE_CHECKS, PROPERTY_CHECKS, ROLE_CONFIGS, NotApplicable, _factory,
                                  _run_once, _run_property)
+from .conformance_hooks import HOOK_ONCE_CHECKS, HOOK_PROPERTY_CHECKS
+
+PROPERTY = {**PROPERTY_CHECKS, **HOOK_PROPERTY_CHECKS}  # checks run on Hypothesis examples
+ONCE = {**ONCE_CHECKS, **HOOK_ONCE_CHECKS}  # checks run once per configuration
 from .conformance_report import CHECKS, CheckResult, Report
 
 
@@ -60,11 +71,11 @@ def run_checks(
                 continue
             for check in checks:
                 try:
-                    if check in PROPERTY_CHECKS:
-                        body = PROPERTY_CHECKS[check](build, bit_width, signed, role)
+                    if check in PROPERTY:
+                        body = PROPERTY[check](build, bit_width, signed, role)
                         result = _run_property(check, bit_width, signed, role, examples, body)
                     else:
-                        result = _run_once(check, bit_width, signed, role, ONCE_CHECKS[check](build, bit_width, signed, role))
+                        result = _run_once(check, bit_width, signed, role, ONCE[check](build, bit_width, signed, role))
                 except NotApplicable as reason:
                     result = CheckResult(check, bit_width, signed, role, "n/a", str(reason))
                 report.results.append(result)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 from collections.abc import Callable
@@ -249,6 +250,21 @@ def _check_extremes(build: Factory, bits: int, signed: bool, role: str) -> Calla
     return body
 
 
+NOISE_SEED = 20181001  # the seed every forward of a stochastic quantizer's gradient check starts from
+
+
+@contextlib.contextmanager
+def _frozen_noise(quantizer: Quantizer):
+    """For a quantizer declaring ``stochastic`` (NICE's noise): torch's RNG seeded the same before each forward, so
+    every forward of the check draws the same noise; the global RNG is left as it was. Otherwise nothing."""
+    if not getattr(quantizer, "stochastic", False):
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(NOISE_SEED)
+        yield
+
+
 def _check_gradients(build: Factory, bits: int, signed: bool, role: str) -> Callable[[Any], None]:
     def body(data: Any) -> None:
         quantizer = copy.deepcopy(build(bits, signed, role)).double()
@@ -262,7 +278,8 @@ def _check_gradients(build: Factory, bits: int, signed: bool, role: str) -> Call
         learnable = _learnable(quantizer)
 
         def loss(v: torch.Tensor) -> torch.Tensor:
-            return (quantizer(v) * weights).sum()
+            with _frozen_noise(quantizer):
+                return (quantizer(v) * weights).sum()
 
         # autograd, through the quantizer's real backward
         leaf = values.clone().requires_grad_(True)
@@ -271,8 +288,9 @@ def _check_gradients(build: Factory, bits: int, signed: bool, role: str) -> Call
 
         # the surrogate: straight-through pieces frozen at this point (and, for a gradient that depends on the
         # upstream gradient, filled in by one backward pass of the same loss)
-        recorded, tape = _record_surrogate(quantizer, values, weights, [p for _, p in learnable])
-        with torch.no_grad():
+        with _frozen_noise(quantizer):
+            recorded, tape = _record_surrogate(quantizer, values, weights, [p for _, p in learnable])
+        with torch.no_grad(), _frozen_noise(quantizer):
             plain = quantizer(values)
         assert torch.allclose(recorded, plain, rtol=1e-12, atol=1e-12 * step), (
             "the surrogate forward differs from the forward: build straight-through pieces from "

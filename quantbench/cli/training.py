@@ -59,6 +59,7 @@ def compare_command(
     from quantbench.comparison.grid import failed_cells, slurm_settings
     from quantbench.comparison.submit import parse_options
     from quantbench.config import load_config_file
+    from quantbench.comparison.published import published_markdown
     from quantbench.comparison.report import table1_markdown, write_report
 
     quantizers.load_plugins(plugin or [])
@@ -91,6 +92,8 @@ def compare_command(
         return
     if not results.empty:
         console.print(Markdown(table1_markdown(results)))
+        if published_markdown(results):
+            console.print(Markdown(published_markdown(results)))  # the paper's numbers beside ours
         # dynamics figures take seconds per precision: `quantbench report` draws them (the report says so)
         console.print(f"report: {escape(str(write_report(config.out, dynamics=False)))}")
     failed = failed_cells(config.out)
@@ -109,11 +112,18 @@ def report_command(
                                                 "and link them.")] = True,
     plugin: PluginOption = None,
 ) -> None:
-    """(Re)write report.md and its figures from DIR/results.csv."""
-    from quantbench.comparison.report import write_report
+    """(Re)write report.md and its figures from DIR/results.csv; print the paper's Table 1 numbers beside ours."""
+    from rich.markdown import Markdown
+
+    from quantbench.comparison.published import published_markdown
+    from quantbench.comparison.report import load, write_report
 
     quantizers.load_plugins(plugin or [])
-    console.print(f"report: {escape(str(write_report(directory, out, dynamics=dynamics)))}")
+    path = write_report(directory, out, dynamics=dynamics)
+    published = published_markdown(load(directory)[0])
+    if published:
+        console.print(Markdown(published))
+    console.print(f"report: {escape(str(path))}")
 
 
 def _train_option(name: str, *flags: str) -> Any:

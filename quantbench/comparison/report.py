@@ -24,6 +24,7 @@ import seaborn as sns  # noqa: E402
 from quantbench.errors import QuantbenchError  # noqa: E402
 from quantbench.utils.io import write_csv, write_text  # noqa: E402
 from quantbench.config import paper_lr, paper_weight_decay  # noqa: E402
+from quantbench.comparison.published import published_markdown  # noqa: E402
 
 PAPER_MODELS = ("preact_resnet18", "preact_resnet34", "preact_resnet50", "vgg16_bn")
 
@@ -251,6 +252,10 @@ def departures(config: dict[str, Any]) -> list[str]:
         notes.append("QIL fine-tuned progressively (full precision -> 5 -> 4 -> 3 -> 2 bits), as the QIL paper trains")
     notes.append("PACT and QIL use quantbench's recorded conventions (README: Conventions), e.g. QIL's output at the "
                  "input's scale and PACT's alpha initialized at LSQ's operating point")
+    table1_methods = sorted(set(config.get("quantizers", [])) & {"faq", "lq_nets", "nice", "msqe_reg"})
+    if table1_methods:
+        notes.append(f"{', '.join(table1_methods)} run under this one recipe, not their papers' own, and follow the "
+                     "readings recorded in README: Conventions (experiments/table1.toml lists each one's departures)")
     return notes
 
 
@@ -274,6 +279,11 @@ def _missing_lines(source: Path) -> list[str]:
     return ["## Missing cells", "", f"{len(missing)} cell(s) of the grid have no result; the tables above leave them "
             "out (`quantbench status DIR` shows them live).", "",
             *[f"- `{name}`: {state}" + (f" ({detail})" if detail else "") for name, state, detail in missing], ""]
+
+
+def _published_lines(results: pd.DataFrame) -> list[str]:
+    table = published_markdown(results)
+    return ["## Beside the published numbers (the LSQ paper's Table 1, ImageNet ResNet-18)", "", table, ""] if table else []
 
 
 def _sweep_lines(results: pd.DataFrame, config: dict[str, Any]) -> list[str]:
@@ -349,6 +359,7 @@ def write_report(directory: str | Path, out: str | Path | None = None, dynamics:
         table1_markdown(results),
         "",
         *_missing_lines(source),
+        *_published_lines(results),
         *_sweep_lines(results, config),
         "## Paired difference against LSQ",
         "",

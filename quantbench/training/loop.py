@@ -19,6 +19,7 @@ from quantbench.config import TrainConfig, paper_lr
 from quantbench.qat import quantizer_parameters, regularization
 from quantbench.data.memory import EvalBatches, MemoryLoader, pipeline_for
 from quantbench.training.distributed import Context, per_rank_batch, train_loader
+from quantbench.training.quantizer_hooks import QuantizerHooks
 from quantbench.utils.modules import topk_correct
 
 #: ``callback(step, loss, logits, labels)``: step is the global iteration; gradients are in ``.grad``
@@ -121,6 +122,7 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, on_step: S
     total_steps = trainer.steps_per_epoch * config.epochs
     steps = min(trainer.steps_per_epoch, max_steps or trainer.steps_per_epoch)
     autocast = torch.autocast(trainer.device.type, dtype=AMP_DTYPES.get(trainer.amp), enabled=trainer.amp != "off")
+    hooks = QuantizerHooks(model, trainer.steps_per_epoch, config.epochs)  # quantizers' stage signal and step hook
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=trainer.device)  # loss * n, correct, n
     for index, (images, labels) in enumerate(loader):
@@ -129,6 +131,7 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, on_step: S
         step = epoch * trainer.steps_per_epoch + index
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, step, total_steps)
+        hooks.before_step(step)
         images = images.to(trainer.device, non_blocking=True,
                            memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
         labels = labels.to(trainer.device, non_blocking=True)
@@ -156,6 +159,7 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, on_step: S
             trainer.scaler.update()
         else:
             optimizer.step()
+        hooks.after_step(step)
         if config.compile and not trainer.compiled:
             forward = trainer.forward = torch.compile(forward)  # after one eager step: quantizers initialize eagerly
             trainer.compiled = True

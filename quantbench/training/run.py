@@ -39,7 +39,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.models import create_model
 from quantbench.qat import QuantConfig, layer_table, model_size_bits, plan_from_layer_table, quantize_
 from quantbench.qat_bnfold import apply_bn_mode, set_bn_frozen
-from quantbench.training import distributed, dynamics as run_dynamics
+from quantbench.training import distributed, dynamics as run_dynamics, quantizer_hooks
 from quantbench.training.distributed import Context, launched_context
 from quantbench.training.environment import environment, numerics, resolve_amp
 from quantbench.training.loop import Trainer, data_loaders, evaluate, make_optimizer, seed_everything, train_one_epoch
@@ -274,7 +274,8 @@ def _train(config: TrainConfig, out: Path, checkpoint_path: Path, resume: bool, 
         random.setstate(checkpoint["python_rng"])
     elif main:
         write_json(out / "config.json", {"train": asdict(config), "dataset_source": data.source,
-                                         "world_size": context.world_size, "amp": amp})
+                                         "world_size": context.world_size, "amp": amp,
+                                         "quantizer_hooks": quantizer_hooks.describe(model)})
         write_json(out / "environment.json", {**environment(), **numerics(device, amp, context)})
 
     dynamics = run_dynamics.for_run(model, config, out, trainer, main, start_epoch,

@@ -37,7 +37,7 @@ def test_builtins_are_registered_with_descriptions() -> None:
 
 
 def test_unknown_name_lists_available() -> None:
-    with pytest.raises(QuantizerError, match=r"unknown quantizer 'nope'; available: (.*, )?fixed, lsq, (.*, )?pact, qil(, .*)?"):
+    with pytest.raises(QuantizerError, match=r"unknown quantizer 'nope'; available: (.*, )?fixed, (.*, )?lsq, (.*, )?pact, qil(, .*)?"):
         quantizers.create("nope", bits=2, signed=False)
 
 
@@ -124,7 +124,8 @@ def test_plugin_that_does_not_import_is_one_clear_line(tmp_path: Path) -> None:
 def test_cli_bad_input_is_one_line() -> None:
     unknown = run_cli("check", "nope")
     assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
-        "error: unknown quantizer 'nope'; available: apot, dorefa, dsq, ewgs, fixed, lsq, lsq_plus, n2uq, pact, qil, tqt "
+        "error: unknown quantizer 'nope'; available: apot, dorefa, dsq, ewgs, faq, fixed, lq_nets, lsq, lsq_plus, msqe_reg, "
+        "n2uq, nice, pact, qil, tqt "
         "(load your own with --plugin MODULE)"
     ]
     bits = run_cli("check", "lsq", "--bits", "1")
