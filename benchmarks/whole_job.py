@@ -16,8 +16,8 @@
 
    Contenders run interleaved (order rotated each round) after one warm-up round; the table gives median wall seconds
    and the ratio to ``bare`` of the same precision.
-2. **compare** (``--compare``): the wall time of the quick preset, ``quantbench compare --out DIR`` in a subprocess
-   (digits, every built-in of the preset, 2 seeds), once.
+2. **compare** (``--compare``): the wall time of the quick preset, ``quantbench compare --data-pipeline P --out DIR``
+   in a subprocess (digits, the preset's quantizers, 2 seeds, 2 workers), once per pipeline, back to back.
 
 Writes ``whole_job.csv`` and ``whole_job.md`` into ``--out`` when given.
 """
@@ -111,10 +111,12 @@ def epoch_table(args: argparse.Namespace, root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compare_time(root: Path) -> float:
+def compare_time(root: Path, pipeline: str) -> float:
+    """Wall seconds of the quick preset, ``quantbench compare --data-pipeline PIPELINE``, in a fresh directory."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "quantbench", "compare", "--out", str(root / "quick")], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "quantbench", "compare", "--data-pipeline", pipeline,
+                    "--out", str(root / f"quick-{pipeline}")], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -136,8 +138,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         header = (f"{args.model} on {args.dataset}, batch {args.batch_size}, {args.threads} threads, {cpu_model()}, "
                   f"torch {torch.__version__}, load {load_average()}")
         lines = [header, "", frame.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
-        if args.compare:
-            lines += ["", f"quick `quantbench compare` (digits preset): {compare_time(root):.1f} s wall"]
+        if args.compare:  # back to back: the DataLoader path (before the in-memory pipeline) and each other
+            lines += [""] + [f"quick `quantbench compare --data-pipeline {pipeline}` (digits preset, 2 workers): "
+                             f"{compare_time(root, pipeline):.1f} s wall" for pipeline in args.pipelines.split(",")]
     text = "\n".join(lines)
     print(text)
     if args.out:

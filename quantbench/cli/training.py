@@ -38,6 +38,7 @@ def compare_command(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
     compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the models.")] = None,
     max_train_batches: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
+    data_pipeline: Annotated[Optional[str], typer.Option(help="auto, memory or loader (see quantbench train --help).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Comparison directory (default: runs/compare).")] = None,
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Processes per run: each run is a data-parallel torchrun job (default 1).")] = None,
     fp_from: Annotated[
@@ -69,7 +70,8 @@ def compare_command(
         "dataset": dataset, "model": model, "quantizers": csv_list(quantizer_names), "bits": csv_list(bits, int),
         "seeds": csv_list(seeds, int), "epochs": epochs, "fp_epochs": fp_epochs, "batch_size": batch_size,
         "qil_progressive": qil_progressive, "data_dir": data_dir, "threads": threads, "compile": compile_model,
-        "max_train_batches": max_train_batches, "out": out, "set": parse_set(set_option) or None,
+        "max_train_batches": max_train_batches, "data_pipeline": data_pipeline, "out": out,
+        "set": parse_set(set_option) or None,
         "fp_from": fp_from, "nproc_per_node": nproc_per_node, "launcher": launcher,
         "cell_workers": cell_workers if cell_workers is not None or config_file or (nproc_per_node or 1) > 1
         else QUICK_PRESET_WORKERS,  # the quick preset alone: parallel workers (measured faster, README)
