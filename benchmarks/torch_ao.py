@@ -39,7 +39,7 @@ def contenders(x: torch.Tensor, bits: int) -> dict:
     lsq = quantizers.create("lsq", bits=bits, signed=False)
     with torch.no_grad():
         lsq(x)  # data-driven init outside the timed region
-    step = float(lsq.step_size)
+    step = float(lsq.step_size.detach())
     module = _LearnableFakeQuantize(MovingAverageMinMaxObserver, quant_min=0, quant_max=qmax, scale=step,
                                     zero_point=0.0, use_grad_scaling=True)
     module.toggle_observer_update(False)
