@@ -7,4 +7,4 @@ python -m benchmarks.quantizers --sections train --quantizers lsq,lsq_plus,dsq,a
     --no-compile --threads 2 --out reports/benchmarks/zoo-train
 python -m benchmarks.dynamics --every 50 --rounds 10 --out reports/benchmarks/dynamics
 python -m benchmarks.torch_ao --out reports/benchmarks/torch-ao
-python -m benchmarks.whole_job --rounds 2 --compare --out reports/benchmarks/whole-job
+python -m benchmarks.whole_job --rounds 2 --warmup 0 --compare --out reports/benchmarks/whole-job

@@ -14,7 +14,7 @@
      normalized tensors in memory, one loop of forward / cross-entropy / backward / step, then the test set in
      batches of 256: no data pipeline, no logging, no files.
 
-   Contenders run interleaved (order rotated each round) after one warm-up round; the table gives median wall seconds
+   Contenders run interleaved (order rotated each round) after ``--warmup`` untimed rounds; the table gives median wall seconds
    and the ratio to ``bare`` of the same precision.
 2. **compare** (``--compare``): the wall time of the quick preset, ``quantbench compare --data-pipeline P --out DIR``
    in a subprocess (digits, the preset's quantizers, 2 seeds, 2 workers), once per pipeline, back to back.
@@ -101,7 +101,7 @@ def epoch_table(args: argparse.Namespace, root: Path) -> pd.DataFrame:
         runners[f"{label}: bare"] = bare_runner(config, data, batches, [(i.clone(), l.clone()) for i, l in test])
         for pipeline in args.pipelines.split(","):
             runners[f"{label}: train[{pipeline}]"] = train_runner(replace(config, data_pipeline=pipeline), root)
-    samples = interleaved(runners, args.rounds, warmup=1)
+    samples = interleaved(runners, args.rounds, warmup=args.warmup)
     rows = []
     for name, times in samples.items():
         label = name.split(":")[0]
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (the untimed full-precision "
+                        "training at the start already warms the process up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pipelines", default="memory,loader", help="train contenders' --data-pipeline values")
     parser.add_argument("--compare", action="store_true", help="also time the quick quantbench compare")
