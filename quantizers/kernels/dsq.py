@@ -2,9 +2,11 @@
 saving only the input and the two scalars (step, alpha).
 
 The composite form (``quantizers.dsq``'s reference) is eight elementwise ops whose backward autograd records one by
-one: a ResNet-20 training step took 1.9x full precision. The forward here evaluates the same expression
-(``round(soft(z)) * s``, bit-identical to the composite) and the backward the closed forms below, on ``z = v / s``
-strictly inside ``(-Q_N, Q_P)`` (torch.clamp's gradient with number bounds):
+one: a ResNet-20 training step took 1.9x full precision. The forward here is the hard staircase, LSQ's
+``clamp(round(v / s)) * s`` through LSQ's own kernels (``round(soft(z)) == round(z)``: the soft staircase is monotone
+and keeps every cell's half-way point, so DSQ's forward is LSQ's, and both forms compute it as LSQ does), and the
+backward the closed forms below, on ``z = v / s`` strictly inside ``(-Q_N, Q_P)`` (torch.clamp's gradient with
+number bounds):
 
 * ``d out / d v = soft'(z)``, ``soft'(z) = (k_s k / 2) (1 - tanh^2(k (z - floor(z) - 1/2)))``;
 * ``d out / d s = round(soft(z)) - soft'(z) z`` inside, the clip code outside (then times LSQ's g);
@@ -17,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ste import round_ste, scale_grad, stop_gradient
+from ..ste import scale_grad, stop_gradient
 from .dispatch import fused_op, param_grad, run_kernel
+from .lsq import lsq_quantize
 
 
 def _soft_parts(v: Tensor, step: Tensor, alpha: Tensor, lo: Tensor | float, hi: Tensor | float):
@@ -29,22 +32,19 @@ def _soft_parts(v: Tensor, step: Tensor, alpha: Tensor, lo: Tensor | float, hi: 
     cell = torch.floor(z)
     offset = z - cell - 0.5
     tanh = torch.tanh(sharpness * offset)
-    soft = cell + 0.5 + 0.5 * tanh_scale * tanh
-    return ratio, z, offset, tanh, tanh_scale, sharpness, soft
+    return ratio, z, offset, tanh, tanh_scale, sharpness
 
 
-def _forward_kernel(v: Tensor, step: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    *_, soft = _soft_parts(v, step, alpha, lo, hi)
-    return torch.round(soft) * step
 
 
 def _backward_kernel(grad: Tensor, v: Tensor, step: Tensor, alpha: Tensor, lo: Tensor,
                      hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    ratio, z, offset, tanh, tanh_scale, sharpness, soft = _soft_parts(v, step, alpha, lo, hi)
+    ratio, z, offset, tanh, tanh_scale, sharpness = _soft_parts(v, step, alpha, lo, hi)
     inside = (ratio > lo) & (ratio < hi)
     slope = 0.5 * tanh_scale * sharpness * (1.0 - tanh * tanh)  # soft'(z)
     grad_v = torch.where(inside, grad * slope, 0.0)
-    step_terms = grad * (torch.round(soft) - torch.where(inside, slope * ratio, 0.0))
+    # round(z) is the forward's code (the hard staircase); the soft function only shapes the gradient
+    step_terms = grad * (torch.round(z) - torch.where(inside, slope * ratio, 0.0))
     d_soft_d_alpha = (0.5 * tanh * tanh_scale * tanh_scale
                       - 0.5 * tanh_scale * (1.0 - tanh * tanh) * offset * (1.0 / (2.0 - alpha) + 1.0 / alpha))
     alpha_terms = grad * d_soft_d_alpha
@@ -56,7 +56,8 @@ class _DSQQuantize(torch.autograd.Function):
     def forward(ctx, v: Tensor, step: Tensor, alpha: Tensor, qn: int, qp: int, grad_scale: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(v, step, alpha)
         ctx.lo, ctx.hi, ctx.grad_scale = float(-qn), float(qp), grad_scale
-        return run_kernel(_forward_kernel, (v,), step.detach(), alpha.detach(), ctx.lo, ctx.hi)
+        # the forward is LSQ's hard staircase clamp(round(v / s)) * s: LSQ's kernels (native C where they run)
+        return lsq_quantize(v, step.detach(), qn, qp)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -77,10 +78,14 @@ def soft_staircase(z: Tensor, alpha: Tensor | float) -> Tensor:
 
 
 def dsq_reference(v: Tensor, step: Tensor, alpha: Tensor, qn: int, qp: int, grad_scale: float = 1.0) -> Tensor:
-    """The composite form: LSQ's gradient scale, clamp, the soft staircase and ``round_ste``."""
+    """The composite form: LSQ's gradient scale, clamp, the soft staircase, and its hard version forward:
+    ``round(soft(z)) == round(z)`` (the soft staircase keeps each cell's centre and half-way points), taken as
+    ``round(z)`` so the forward is LSQ's exactly, with the gradient of ``soft(z)``."""
+    from ..n2uq import straight_through
+
     step = scale_grad(step, grad_scale)
     z = torch.clamp(v / step, -qn, qp)
-    return round_ste(soft_staircase(z, alpha)) * step
+    return straight_through(torch.round(z.detach()), soft_staircase(z, alpha)) * step
 
 
 @fused_op(dsq_reference)

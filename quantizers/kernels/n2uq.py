@@ -3,8 +3,8 @@
 The composite form (``quantizers.n2uq``'s reference) looks each element's cell up with ``torch.bucketize`` and
 gathers its edge and width (``edges[cell]``), whose backward is an ``index_put`` per element: a ResNet-20 training
 step took 6.2x full precision. Here the lookups are comparison chains over the (few) thresholds, which a compiled
-kernel runs as one loop per element, forward and backward, with the per-cell sums the widths need accumulated in the
-same pass. At more than ``MAX_CHAINED_CELLS`` cells (8-bit layers) the chains would be longer than a binary search:
+kernel runs as one loop per element, forward and backward; the per-cell sums the widths need are one ``index_add_``
+each over the elements' cells. At more than ``MAX_CHAINED_CELLS`` cells (8-bit layers) the chains would be longer than a binary search:
 the same bodies then look cells up with ``torch.bucketize`` (eager, still one fused backward).
 """
 
@@ -50,32 +50,33 @@ def _forward_kernel(x: Tensor, midpoints: Tensor, out_step: Tensor, lowest: Tens
 
 def _backward_kernel(grad: Tensor, x: Tensor, midpoints: Tensor, edges: Tensor, widths: Tensor, out_step: Tensor,
                      lowest: Tensor, *, cells: int = 3) -> tuple[Tensor, ...]:
-    """grad_x, the out_step gradient, and (2, cells) sums per cell c: sum of g / a_c over cell c (P_c) and of g (x - T_c) / a_c^2
-    (Q_c), where g = grad * out_step strictly inside (T_0, T_n)."""
-    chained = cells <= MAX_CHAINED_CELLS
-    code, left, width, where_cell = (_lookup_chained if chained else _lookup_searched)(x, midpoints, edges, widths, cells)
+    """grad_x (= g / a_c, g = grad * out_step strictly inside (T_0, T_n)), the out_step gradient, and the sums the
+    range parameters need: chained (up to 4 bits) per inner edge i, sum of grad_x and of grad_x * x over the elements
+    beyond T_i (cell >= i), as one (2, cells) tensor; searched (above), each element's cell and grad_x (x - T_c) / a_c
+    for the caller's per-cell scatter."""
+    if cells <= MAX_CHAINED_CELLS:
+        code = (x > midpoints[0]).to(x.dtype)
+        cell = (x > edges[1]).to(torch.int64)
+        for i in range(1, cells):
+            code = code + (x > midpoints[i]).to(x.dtype)
+        for i in range(2, cells):
+            cell = cell + (x > edges[i]).to(torch.int64)
+        left, width = edges[cell], widths[cell]  # gathers from the (few) edges: one load each
+    else:
+        code = torch.bucketize(x, midpoints, right=False).to(x.dtype)
+        cell = torch.bucketize(x, edges[1:-1], right=False)
+        left, width = edges[cell], widths[cell]
     fraction = (x - left) / width
-    cell = sum(past.to(x.dtype) for past in where_cell) if chained else where_cell.to(x.dtype)
-    linear = lowest + cell + fraction
+    linear = lowest + cell.to(x.dtype) + fraction
     inside = (linear > lowest) & (linear < lowest + cells)  # strict, as torch.clamp's gradient with number bounds
     per_width = torch.where(inside, grad * out_step, 0.0) / width
     grad_out_step = (grad * (code + lowest)).sum()
-    if chained:
-        beyond = [per_width] + [torch.where(past, per_width, 0.0) for past in where_cell]  # cell >= i
-        past_sums = torch.stack([term.sum() for term in beyond])  # sum over cells >= i of P_c
-        own = per_width * fraction
-        in_cell = [torch.where(where_cell[0], 0.0, own)] + [
-            torch.where(where_cell[i], 0.0, torch.where(where_cell[i - 1], own, 0.0)) for i in range(1, cells - 1)
-        ] + ([torch.where(where_cell[-1], own, 0.0)] if cells > 1 else [])
-        own_sums = torch.stack([term.sum() for term in in_cell])
-        per_cell = torch.cat([past_sums[:-1] - past_sums[1:], past_sums[-1:]])  # P_c
-        # one 2-d result: run_kernel reshapes 1-d results to the input's shape
-        return per_width, grad_out_step, torch.stack([per_cell, own_sums])
-    flat_cell = where_cell.reshape(-1)
-    per_cell = torch.zeros(cells, dtype=x.dtype, device=x.device).index_add_(0, flat_cell, per_width.reshape(-1))
-    own_sums = torch.zeros(cells, dtype=x.dtype, device=x.device).index_add_(
-        0, flat_cell, (per_width * fraction).reshape(-1))
-    return per_width, grad_out_step, torch.stack([per_cell, own_sums])
+    if cells > MAX_CHAINED_CELLS:
+        return per_width, grad_out_step, cell.to(torch.int32), per_width * fraction
+    weighted = per_width * x
+    beyond = torch.stack([per_width.sum()] + [torch.where(x > edges[i], per_width, 0.0).sum() for i in range(1, cells)])
+    beyond_x = torch.stack([weighted.sum()] + [torch.where(x > edges[i], weighted, 0.0).sum() for i in range(1, cells)])
+    return per_width, grad_out_step, torch.stack([beyond, beyond_x])
 
 
 _KERNELS: dict[int, tuple] = {}
@@ -113,9 +114,19 @@ class _N2UQQuantize(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, edges, widths, midpoints, out_step = ctx.saved_tensors
         _, backward_kernel = _kernels(ctx.cells)
-        grad_x, grad_out_step, sums = _run(backward_kernel, (grad.contiguous(), x), midpoints, edges, widths,
-                                                    out_step, float(ctx.lowest), cells=ctx.cells)
-        per_cell, own = sums[0], sums[1]
+        result = _run(backward_kernel, (grad.contiguous(), x), midpoints, edges, widths, out_step,
+                      float(ctx.lowest), cells=ctx.cells)
+        grad_x, grad_out_step = result[0], result[1]
+        if ctx.cells <= MAX_CHAINED_CELLS:
+            # sums over cells >= i -> per cell: P_c = sum grad_x, and Q_c = (sum grad_x x - T_c P_c) / a_c
+            beyond, beyond_x = result[2][0], result[2][1]
+            per_cell = beyond - torch.cat([beyond[1:], beyond.new_zeros(1)])
+            per_cell_x = beyond_x - torch.cat([beyond_x[1:], beyond_x.new_zeros(1)])
+            own = (per_cell_x - edges[:-1] * per_cell) / widths
+        else:  # per-cell scatter: one pass each
+            cell = result[2].reshape(-1)
+            per_cell = torch.zeros(ctx.cells, dtype=x.dtype, device=x.device).index_add_(0, cell, grad_x.reshape(-1))
+            own = torch.zeros(ctx.cells, dtype=x.dtype, device=x.device).index_add_(0, cell, result[3].reshape(-1))
         # T_c = start + a_0 + ... + a_{c-1}: start gets -sum P_c; width a_j gets -(sum over cells after j of P_c) - Q_j
         later = torch.flip(torch.cumsum(torch.flip(per_cell, [0]), 0), [0]) - per_cell
         grad_start = param_grad(-per_cell.sum(), edges[0]) if ctx.needs_input_grad[1] else None
