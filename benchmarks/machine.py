@@ -66,6 +66,8 @@ def machine_info(allocator: str) -> dict[str, Any]:
     settings = dispatch.kernel_settings()
     return {
         "cpu": cpu_model(),
+        # the vector ISA torch's kernels run (and lsq's native C is built for, -march=native): ratios depend on it
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     frame = pd.DataFrame(rows)
     table = frame.pivot_table(index=["setting", "threads", "elements"], columns="contender", values="ratio_to_lsq",
                               sort=False)
-    header = (f"{args.bits}-bit, {args.rounds} interleaved rounds, {cpu_model()}, torch {torch.__version__}, "
+    header = (f"{args.bits}-bit, {args.rounds} interleaved rounds, {cpu_model()} "
+              f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
               f"load {load_average()}; ratio = contender's median forward+backward / lsq's")
     text = f"{header}\n\n{table.to_string(float_format=lambda v: f'{v:.2f}')}\n\nmedian ms:\n" + frame.pivot_table(
         index=["setting", "threads", "elements"], columns="contender", values="median_ms", sort=False).to_string(
