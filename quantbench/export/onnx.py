@@ -184,7 +184,42 @@ def qdq_model(model: nn.Module, check_batch: Tensor) -> tuple[nn.Module, dict[st
     exported = copy.deepcopy(model)
     for name, entry in payload["layers"].items():
         replace_submodule(exported, name, QDQLayer(name, entry))
+    fixed_adaptive_pools(exported, check_batch[:1])
     return exported.eval(), payload
+
+
+def _pool_window(size: int, out: int) -> tuple[int, int] | None:
+    """(kernel, stride) of the AvgPool equal to adaptive average pooling from ``size`` to ``out`` cells, when every
+    adaptive bin has one width and the bins start at a fixed stride (torch's bins: floor(i n/m) to ceil((i+1) n/m))."""
+    starts = [(i * size) // out for i in range(out)]
+    ends = [-((-(i + 1) * size) // out) for i in range(out)]
+    widths = {end - start for start, end in zip(starts, ends)}
+    strides = {b - a for a, b in zip(starts, starts[1:])} or {1}
+    return (widths.pop(), strides.pop()) if len(widths) == 1 and len(strides) == 1 else None
+
+
+def fixed_adaptive_pools(model: nn.Module, sample: Tensor) -> None:
+    """Replace each ``AdaptiveAvgPool2d`` by the ``AvgPool2d`` it equals at the sample's (the dataset's fixed) input
+    size: the ONNX exporter handles adaptive pooling only when the output divides the input (small_cnn on 28x28
+    Fashion-MNIST pools 3x3 to 2x2, i.e. a 2x2 window at stride 1). One line when no plain window is equal."""
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [module.register_forward_pre_hook(lambda m, inputs, name=name: sizes.__setitem__(name, inputs[0].shape[-2:]))
+             for name, module in model.named_modules() if isinstance(module, nn.AdaptiveAvgPool2d)]
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, (height, width) in sizes.items():
+        out = nn.modules.utils._pair(model.get_submodule(name).output_size)
+        out = (out[0] or height, out[1] or width)
+        rows, cols = _pool_window(height, out[0]), _pool_window(width, out[1])
+        if rows is None or cols is None:
+            raise QuantbenchError(f"cannot export to ONNX: {name} pools {height}x{width} to {out[0]}x{out[1]} with "
+                                  "uneven windows, which ONNX's AveragePool cannot express; change the model's "
+                                  "pooling or its input size")
+        replace_submodule(model, name, nn.AvgPool2d((rows[0], cols[0]), stride=(rows[1], cols[1])))
 
 
 def onnx_bytes(model: nn.Module, check_batch: Tensor, metadata: dict[str, Any] | None = None) -> bytes:

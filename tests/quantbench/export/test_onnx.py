@@ -204,3 +204,23 @@ def test_missing_onnx_names_the_extra(monkeypatch: pytest.MonkeyPatch, runs, cli
 def test_pack_and_unknown_format_are_one_line_errors(runs, cli_error) -> None:
     assert "--pack applies to --format integer" in cli_error(["export", str(runs[("lsq", 2)]), "--format", "onnx", "--pack"])
     assert "--format must be integer or onnx" in cli_error(["export", str(runs[("lsq", 2)]), "--format", "tflite"])
+
+
+def test_adaptive_pools_become_the_equal_fixed_window_or_a_one_line_error() -> None:
+    """small_cnn on 28x28 Fashion-MNIST pools 3x3 to 2x2, which the ONNX exporter cannot take as adaptive pooling:
+    the export rewrites it as the AvgPool2d it equals at the dataset's input size, and refuses uneven windows."""
+    import torch
+    from torch import nn
+
+    from quantbench.errors import QuantbenchError
+    from quantbench.export.onnx import fixed_adaptive_pools
+
+    for size, out in ((3, 2), (8, 1), (5, 2), (28, (2, None))):
+        model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.AdaptiveAvgPool2d(out), nn.Flatten())
+        x = torch.randn(2, 1, size, size)
+        expected = model(x)
+        fixed_adaptive_pools(model, x[:1])
+        assert isinstance(model[1], nn.AvgPool2d) and torch.allclose(model(x), expected)
+    uneven = nn.Sequential(nn.AdaptiveAvgPool2d(4))
+    with pytest.raises(QuantbenchError, match="uneven windows"):
+        fixed_adaptive_pools(uneven, torch.randn(1, 1, 6, 6))
