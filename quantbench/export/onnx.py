@@ -49,7 +49,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.export.integer import build_export, requantize, unpack_codes
 from quantbench.qat import quantized_layers
 from quantbench.utils.io import atomic_path
-from quantbench.utils.modules import replace_submodule
+from quantbench.utils.modules import capture_inputs, replace_submodule
 
 ONNX_EXPORT = Path("export") / "model.onnx"
 INSTALL = "pip install quantbench[export]"
@@ -202,16 +202,9 @@ def fixed_adaptive_pools(model: nn.Module, sample: Tensor) -> None:
     """Replace each ``AdaptiveAvgPool2d`` by the ``AvgPool2d`` it equals at the sample's (the dataset's fixed) input
     size: the ONNX exporter handles adaptive pooling only when the output divides the input (small_cnn on 28x28
     Fashion-MNIST pools 3x3 to 2x2, i.e. a 2x2 window at stride 1). One line when no plain window is equal."""
-    sizes: dict[str, tuple[int, int]] = {}
-    hooks = [module.register_forward_pre_hook(lambda m, inputs, name=name: sizes.__setitem__(name, inputs[0].shape[-2:]))
-             for name, module in model.named_modules() if isinstance(module, nn.AdaptiveAvgPool2d)]
-    try:
-        with torch.no_grad():
-            model(sample)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for name, (height, width) in sizes.items():
+    pools = {name: module for name, module in model.named_modules() if isinstance(module, nn.AdaptiveAvgPool2d)}
+    for name, inputs in capture_inputs(model, pools, sample).items():
+        height, width = inputs.shape[-2:]
         out = nn.modules.utils._pair(model.get_submodule(name).output_size)
         out = (out[0] or height, out[1] or width)
         rows, cols = _pool_window(height, out[0]), _pool_window(width, out[1])

@@ -26,6 +26,7 @@ layer unless freezing needs every weight; ``summaries`` hands back device tensor
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -176,14 +177,17 @@ class OscillationTracker:
                 else:
                     state["frozen_value"] = weight.detach().reshape(-1).clone()
 
+    def _slices(self) -> list[slice]:
+        """Each layer's slice of the flat state."""
+        ends = list(itertools.accumulate(self.sizes))
+        return [slice(end - size, end) for end, size in zip(ends, self.sizes)]
+
     def _adopt(self, flat: dict[str, Tensor]) -> None:
         """Make ``flat`` the tracked codes/directions/frequencies; each layer's state gets views of its slice."""
         self._flat = flat
-        offset = 0
-        for state, size in zip(self.state, self.sizes):
+        for state, layer in zip(self.state, self._slices()):
             for key, values in flat.items():
-                state[key] = values[offset: offset + size]
-            offset += size
+                state[key] = values[layer]
 
     def _freeze(self, state: dict[str, Tensor], weight: Tensor, quantizer: Quantizer, levels: Tensor,
                 quantized: Tensor) -> None:
@@ -227,8 +231,7 @@ class OscillationTracker:
         summary = {"oscillation_frequency": state["frequency"].mean(),
                    "oscillating_fraction": (state["frequency"] > OSCILLATING).float().mean()}
         if self._flipped_flat is not None:
-            offset = sum(self.sizes[:index])
-            summary["flip_fraction"] = self._flipped_flat[offset: offset + self.sizes[index]].float().mean()
+            summary["flip_fraction"] = self._flipped_flat[self._slices()[index]].float().mean()
         if "frozen" in state:
             summary["frozen_fraction"] = state["frozen"].float().mean()
         return summary

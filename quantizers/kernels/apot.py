@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dispatch import distinct, fused_op, param_grad, run_kernel
+from .dispatch import fused_op, param_grad, run_kernel, specialized
 
 MAX_CHAINED_LEVELS = 16
 
@@ -50,38 +50,22 @@ def _backward_kernel(grad: Tensor, v: Tensor, alpha: Tensor, thresholds: Tensor,
     return grad_v, alpha_terms.sum()
 
 
-_KERNELS: dict[int, tuple] = {}
-
-
-def _kernels(count: int) -> tuple:
-    """One forward/backward pair per level count (the chain's length), each its own compiled kernel."""
-    if count not in _KERNELS:
-        _KERNELS[count] = (distinct(_forward_kernel, f"l{count}", count=count),
-                           distinct(_backward_kernel, f"l{count}", count=count))
-    return _KERNELS[count]
-
-
-def _run(kernel, tensors: tuple[Tensor, ...], *scalars, count: int):
-    if count > MAX_CHAINED_LEVELS:  # bucketize: inductor would fall back to the eager op anyway
-        return kernel(*tensors, *scalars)
-    return run_kernel(kernel, tensors, *scalars)
-
-
 class _APoTQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, alpha: Tensor, thresholds: Tensor, levels: Tensor, lower: float,  # type: ignore[override]
                 out_scale: Tensor) -> Tensor:
         ctx.save_for_backward(v, alpha, thresholds, levels, out_scale)
         ctx.lower = lower
-        forward_kernel, _ = _kernels(levels.numel())
-        return _run(forward_kernel, (v,), alpha.detach(), thresholds, levels, lower, out_scale, count=levels.numel())
+        count = levels.numel()  # bucketize above MAX_CHAINED_LEVELS: not worth compiling
+        return run_kernel(specialized(_forward_kernel, count=count), (v,), alpha.detach(), thresholds, levels, lower,
+                          out_scale, eager=count > MAX_CHAINED_LEVELS)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         v, alpha, thresholds, levels, out_scale = ctx.saved_tensors
-        _, backward_kernel = _kernels(levels.numel())
-        grad_v, total = _run(backward_kernel, (grad.contiguous(), v), alpha.detach(), thresholds, levels, ctx.lower,
-                             out_scale, count=levels.numel())
+        count = levels.numel()
+        grad_v, total = run_kernel(specialized(_backward_kernel, count=count), (grad.contiguous(), v), alpha.detach(),
+                                   thresholds, levels, ctx.lower, out_scale, eager=count > MAX_CHAINED_LEVELS)
         grad_alpha = param_grad(total, alpha) if ctx.needs_input_grad[1] else None
         return grad_v if ctx.needs_input_grad[0] else None, grad_alpha, None, None, None, None
 

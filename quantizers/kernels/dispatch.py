@@ -128,6 +128,19 @@ def distinct(fn: Callable, tag: str, **flags: Any) -> Callable:
     return copy
 
 
+_specialized: dict[tuple[Callable, tuple[tuple[str, Any], ...]], Callable] = {}
+
+
+def specialized(kernel: Callable, **flags: Any) -> Callable:
+    """:func:`distinct` with a tag spelled from ``flags``, made once per (kernel, flags): the variant of a kernel for,
+    e.g., one chain length (``specialized(_forward_kernel, count=4)``). A plain dict, not ``functools.cache``: a whole
+    model compiled with torch.compile traces through this lookup (the variant exists from the eager first step)."""
+    key = (kernel, tuple(sorted(flags.items())))
+    if key not in _specialized:
+        _specialized[key] = distinct(kernel, "_".join(f"{name}{value}" for name, value in key[1]), **flags)
+    return _specialized[key]
+
+
 def native_library(v: Tensor, scalars: tuple[Tensor, ...] = ()) -> Any:
     """The native kernel library when the backend is ``native`` and the operands qualify (a contiguous float32 CPU
     input, float32 scalars, not while a model is being compiled); otherwise None. Forwards decide, and keep the
@@ -200,14 +213,15 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def run_kernel(kernel: Callable, tensors: tuple[Tensor, ...], *scalars: Any) -> Any:
-    """``kernel(*tensors, *scalars)``: compiled on the flattened tensors when they qualify, otherwise eagerly.
+def run_kernel(kernel: Callable, tensors: tuple[Tensor, ...], *scalars: Any, eager: bool = False) -> Any:
+    """``kernel(*tensors, *scalars)``: compiled on the flattened tensors when they qualify, otherwise eagerly
+    (always eagerly with ``eager=True``: a body not worth compiling, e.g. one inductor would run as a fallback op).
 
     ``tensors`` are the input-sized operands (same shape); ``scalars`` are 0-d tensors and Python numbers (passed to
     a compiled kernel as 0-d tensors). Input-sized results come back in the input's shape. A compile or recompile
     failure at any point warns once and runs this kernel eagerly from then on.
     """
-    if not _compilable(kernel, tensors):
+    if eager or not _compilable(kernel, tensors):
         return kernel(*tensors, *scalars)
     flat = [_flat(t) for t in tensors]
     rest = [_as_tensor(s, tensors[0]) for s in scalars]

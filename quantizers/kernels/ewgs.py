@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..ste import active_tape
-from .dispatch import distinct, fused_op, param_grad, run_kernel
+from .dispatch import fused_op, param_grad, run_kernel, specialized
 
 
 def _forward_kernel(v: Tensor, lower: Tensor, width: Tensor, multiplier: Tensor, shift: Tensor, steps: Tensor,
@@ -40,27 +40,19 @@ def _backward_kernel(grad: Tensor, v: Tensor, lower: Tensor, width: Tensor, mult
     return grad_t / width, -grad_t.sum() / width, -(grad_t * ratio).sum() / width
 
 
-_KERNELS = {
-    centered: (distinct(_forward_kernel, f"c{int(centered)}", centered=centered),
-               distinct(_backward_kernel, f"c{int(centered)}", centered=centered))
-    for centered in (False, True)
-}
-
-
 class _EWGSQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, lower: Tensor, width: Tensor, multiplier: Tensor, shift: Tensor,  # type: ignore[override]
                 steps: int, delta: float, centered: bool) -> Tensor:
         ctx.save_for_backward(v, lower, width, multiplier)
         ctx.steps, ctx.delta, ctx.centered = steps, delta, centered
-        forward_kernel, _ = _KERNELS[centered]
-        return run_kernel(forward_kernel, (v,), lower.detach(), width.detach(), multiplier, shift, float(steps))
+        return run_kernel(specialized(_forward_kernel, centered=centered), (v,), lower.detach(), width.detach(), multiplier, shift, float(steps))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         v, lower, width, multiplier = ctx.saved_tensors
-        _, backward_kernel = _KERNELS[ctx.centered]
-        grad_v, grad_lower, grad_width = run_kernel(backward_kernel, (grad.contiguous(), v), lower.detach(),
+        grad_v, grad_lower, grad_width = run_kernel(specialized(_backward_kernel, centered=ctx.centered),
+                                                    (grad.contiguous(), v), lower.detach(),
                                                     width.detach(), multiplier, float(ctx.steps), ctx.delta)
         return (grad_v if ctx.needs_input_grad[0] else None,
                 param_grad(grad_lower, lower) if ctx.needs_input_grad[1] else None,

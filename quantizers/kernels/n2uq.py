@@ -13,39 +13,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dispatch import distinct, fused_op, param_grad, run_kernel
+from .dispatch import fused_op, param_grad, run_kernel, specialized
 
 MAX_CHAINED_CELLS = 15  # up to 4 bits: comparison chains; above, bucketize
 
 
-def _lookup_chained(x: Tensor, midpoints: Tensor, edges: Tensor, widths: Tensor, cells: int):
-    """(code count, cell's left edge, cell's width, [x > inner edge i] per i) by comparison chains: exact gathers."""
+def _codes(x: Tensor, midpoints: Tensor, cells: int) -> Tensor:
+    """How many forward thresholds (cell midpoints) each element exceeds, as ``x``'s dtype."""
+    if cells > MAX_CHAINED_CELLS:
+        return torch.bucketize(x, midpoints, right=False).to(x.dtype)
     code = (x > midpoints[0]).to(x.dtype)
     for i in range(1, cells):
         code = code + (x > midpoints[i]).to(x.dtype)
-    left, width, beyond = edges[0].expand_as(x), widths[0].expand_as(x), []
-    for i in range(1, cells):  # inner edge T_i: x beyond it is in cell i or later
-        past = x > edges[i]
-        left = torch.where(past, edges[i], left)
-        width = torch.where(past, widths[i], width)
-        beyond.append(past)
-    return code, left, width, beyond
+    return code
 
 
-def _lookup_searched(x: Tensor, midpoints: Tensor, edges: Tensor, widths: Tensor, cells: int):
-    code = torch.bucketize(x, midpoints, right=False).to(x.dtype)
-    cell = torch.bucketize(x, edges[1:-1], right=False)
-    return code, edges[cell], widths[cell], cell
+def _cells(x: Tensor, edges: Tensor, cells: int) -> Tensor:
+    """Each element's cell, 0..cells-1 (int64): how many inner edges T_1..T_{n-1} it exceeds."""
+    if cells > MAX_CHAINED_CELLS:
+        return torch.bucketize(x, edges[1:-1], right=False)
+    cell = (x > edges[1]).to(torch.int64)
+    for i in range(2, cells):
+        cell = cell + (x > edges[i]).to(torch.int64)
+    return cell
 
 
 def _forward_kernel(x: Tensor, midpoints: Tensor, out_step: Tensor, lowest: Tensor, *, cells: int = 3) -> Tensor:
-    if cells <= MAX_CHAINED_CELLS:
-        code = (x > midpoints[0]).to(x.dtype)
-        for i in range(1, cells):
-            code = code + (x > midpoints[i]).to(x.dtype)
-    else:
-        code = torch.bucketize(x, midpoints, right=False).to(x.dtype)
-    return out_step * (code + lowest)
+    return out_step * (_codes(x, midpoints, cells) + lowest)
 
 
 def _backward_kernel(grad: Tensor, x: Tensor, midpoints: Tensor, edges: Tensor, widths: Tensor, out_step: Tensor,
@@ -54,18 +48,8 @@ def _backward_kernel(grad: Tensor, x: Tensor, midpoints: Tensor, edges: Tensor, 
     range parameters need: chained (up to 4 bits) per inner edge i, sum of grad_x and of grad_x * x over the elements
     beyond T_i (cell >= i), as one (2, cells) tensor; searched (above), each element's cell and grad_x (x - T_c) / a_c
     for the caller's per-cell scatter."""
-    if cells <= MAX_CHAINED_CELLS:
-        code = (x > midpoints[0]).to(x.dtype)
-        cell = (x > edges[1]).to(torch.int64)
-        for i in range(1, cells):
-            code = code + (x > midpoints[i]).to(x.dtype)
-        for i in range(2, cells):
-            cell = cell + (x > edges[i]).to(torch.int64)
-        left, width = edges[cell], widths[cell]  # gathers from the (few) edges: one load each
-    else:
-        code = torch.bucketize(x, midpoints, right=False).to(x.dtype)
-        cell = torch.bucketize(x, edges[1:-1], right=False)
-        left, width = edges[cell], widths[cell]
+    code, cell = _codes(x, midpoints, cells), _cells(x, edges, cells)
+    left, width = edges[cell], widths[cell]  # gathers from the (few) edges: one load each
     fraction = (x - left) / width
     linear = lowest + cell.to(x.dtype) + fraction
     inside = (linear > lowest) & (linear < lowest + cells)  # strict, as torch.clamp's gradient with number bounds
@@ -79,23 +63,6 @@ def _backward_kernel(grad: Tensor, x: Tensor, midpoints: Tensor, edges: Tensor, 
     return per_width, grad_out_step, torch.stack([beyond, beyond_x])
 
 
-_KERNELS: dict[int, tuple] = {}
-
-
-def _kernels(cells: int) -> tuple:
-    """One forward/backward pair per cell count (the chains' lengths), each its own compiled kernel."""
-    if cells not in _KERNELS:
-        _KERNELS[cells] = (distinct(_forward_kernel, f"c{cells}", cells=cells),
-                           distinct(_backward_kernel, f"c{cells}", cells=cells))
-    return _KERNELS[cells]
-
-
-def _run(kernel, tensors: tuple[Tensor, ...], *scalars, cells: int):
-    if cells > MAX_CHAINED_CELLS:  # bucketize: not worth compiling (inductor falls back to the eager op)
-        return kernel(*tensors, *scalars)
-    return run_kernel(kernel, tensors, *scalars)
-
-
 class _N2UQQuantize(torch.autograd.Function):
     """N2UQ activations: ``out_step * (lowest + #midpoints below x)`` forward; the generalized STE backward for x,
     start, the (floored) widths and out_step. Saves the input and the small parameter tensors only."""
@@ -107,15 +74,14 @@ class _N2UQQuantize(torch.autograd.Function):
         midpoints = (edges[:-1] + widths.detach() / 2).contiguous()
         ctx.save_for_backward(x, edges, widths.detach(), midpoints, out_step.detach())
         ctx.lowest, ctx.cells = lowest, cells
-        forward_kernel, _ = _kernels(cells)
-        return _run(forward_kernel, (x,), midpoints, out_step.detach(), float(lowest), cells=cells)
+        return run_kernel(specialized(_forward_kernel, cells=cells), (x,), midpoints, out_step.detach(), float(lowest),
+                          eager=cells > MAX_CHAINED_CELLS)  # bucketize above: not worth compiling
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, edges, widths, midpoints, out_step = ctx.saved_tensors
-        _, backward_kernel = _kernels(ctx.cells)
-        result = _run(backward_kernel, (grad.contiguous(), x), midpoints, edges, widths, out_step,
-                      float(ctx.lowest), cells=ctx.cells)
+        result = run_kernel(specialized(_backward_kernel, cells=ctx.cells), (grad.contiguous(), x), midpoints, edges,
+                            widths, out_step, float(ctx.lowest), eager=ctx.cells > MAX_CHAINED_CELLS)
         grad_x, grad_out_step = result[0], result[1]
         if ctx.cells <= MAX_CHAINED_CELLS:
             # sums over cells >= i -> per cell: P_c = sum grad_x, and Q_c = (sum grad_x x - T_c P_c) / a_c
