@@ -1,5 +1,6 @@
 """Native CPU kernels for the activation-sized work of lsq / fixed, pact and qil, for DoReFa's weights (PACT's weight
-scheme), and for QIL's signed / gamma weights where torch runs its AVX512 kernels (``native_kernels.c``).
+scheme), and for QIL's signed / gamma weights where torch runs its AVX512 or AVX2 kernels (``native_kernels.c``,
+which includes ``native_qil_gamma.c``).
 
 Why C and not only ``torch.compile``: a compiled kernel costs ~100 us of guard and wrapper work per forward+backward,
 and a ResNet-20 training step makes 44 such calls; a C function called through ``ctypes`` costs a few microseconds.
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
+INCLUDED = (Path(__file__).with_name("native_qil_gamma.c"),)  # #include-d by SOURCE: part of the build's cache key
 # -ffp-contract=off: no fused multiply-add (bit-identical to torch); -fno-trapping-math: branch-free selects vectorize
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -76,7 +78,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "dorefa_forward": ([p, p, i64, f32, f32, i32], None),
         "dorefa_backward": ([p, p, p, i64, f32, i32, i32], None),
     }
-    if hasattr(library, "qil_gamma_forward"):  # built with AVX-512
+    if hasattr(library, "qil_gamma_forward"):  # built with AVX-512 or AVX2
         signatures["qil_gamma_forward"] = ([p, p, i64, f32, f32, f32, f32, f32, f32, f32, i32, i32, i32], None)
         signatures["qil_gamma_backward"] = ([p, p, p, i64, f32, f32, f32, f32, f32, i32, i32, p, i32], None)
     for name, (arguments, result) in signatures.items():
@@ -85,18 +87,29 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     return library
 
 
+#: torch's CPU capability -> (the vector width the kernels must be built with, torch's SLEEF pow and log there)
+SLEEF = {"AVX512": (16, "Sleef_powf16_u10", "Sleef_logf16_u10"), "AVX2": (8, "Sleef_powf8_u10", "Sleef_logf8_u10")}
+
+
 def _connect_vector_math(library: ctypes.CDLL) -> bool:
     """Hand torch's own SLEEF pow / log to the QIL gamma kernels, where that makes them equal torch bit for bit: the
-    kernels were built with AVX-512 and torch runs its AVX512 kernels (which call exactly these functions)."""
-    if not hasattr(library, "qil_gamma_forward") or torch.backends.cpu.get_cpu_capability() != "AVX512":
+    kernels were built for the vector width of the kernels torch runs (AVX512: 16 lanes, AVX2: 8), which call exactly
+    these functions."""
+    wanted = SLEEF.get(torch.backends.cpu.get_cpu_capability())
+    if wanted is None or not hasattr(library, "qil_gamma_forward"):
+        return False
+    library.qil_vector_width.argtypes, library.qil_vector_width.restype = [], ctypes.c_int
+    width, pow_name, log_name = wanted
+    if library.qil_vector_width() != width:
         return False
     try:
         torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        pow16, log16 = torch_cpu.Sleef_powf16_u10, torch_cpu.Sleef_logf16_u10
+        vector_pow, vector_log = getattr(torch_cpu, pow_name), getattr(torch_cpu, log_name)
     except (OSError, AttributeError):
         return False
     library.qil_vector_math.argtypes, library.qil_vector_math.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
-    return bool(library.qil_vector_math(ctypes.cast(pow16, ctypes.c_void_p), ctypes.cast(log16, ctypes.c_void_p)))
+    return bool(library.qil_vector_math(ctypes.cast(vector_pow, ctypes.c_void_p),
+                                        ctypes.cast(vector_log, ctypes.c_void_p)))
 
 
 def library() -> ctypes.CDLL | None:
@@ -112,7 +125,7 @@ def library() -> ctypes.CDLL | None:
             if compiler is None:
                 raise RuntimeError("no C compiler (set CC, or install gcc)")
             key = hashlib.sha256(
-                SOURCE.read_bytes() + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode()
+                b"".join(path.read_bytes() for path in (SOURCE, *INCLUDED)) + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode()
             ).hexdigest()[:16]
             target = cache_dir() / f"quantbench_kernels_{key}.so"
             if not target.is_file():

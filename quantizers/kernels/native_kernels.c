@@ -1,5 +1,6 @@
 /* quantbench's native CPU kernels: one pass forward, one pass backward, float32, for the activation-sized work of
- * lsq / fixed, pact and qil (unsigned, no gamma), DoReFa weights, and, on AVX-512, QIL's signed / gamma weights.
+ * lsq / fixed, pact and qil (unsigned, no gamma), DoReFa weights, and (native_qil_gamma.c, on AVX-512 and AVX2)
+ * QIL's signed / gamma weights.
  * Loaded by quantizers/native.py through ctypes.
  *
  * Each kernel does exactly the float32 operations of its Python body in quantizers/kernels/, in the same order
@@ -36,15 +37,30 @@ static void chunk(int64_t n, int t, int nt, int64_t *begin, int64_t *end) {
  * loop has two double reductions, which `omp simd` does not keep in registers. Lanes are summed in a fixed order. */
 typedef float floats8 __attribute__((vector_size(32)));
 typedef int32_t ints8 __attribute__((vector_size(32)));
-typedef double doubles8 __attribute__((vector_size(64)));
+typedef float floats4 __attribute__((vector_size(16)));
+typedef double doubles4 __attribute__((vector_size(32)));
 
 static inline floats8 load8(const float *p) { floats8 x; memcpy(&x, p, sizeof x); return x; }
 static inline void store8(float *p, floats8 x) { memcpy(p, &x, sizeof x); }
 /* mask ? x : +0.0 (mask lanes are all ones or all zeros) */
 static inline floats8 select8(ints8 mask, floats8 x) { return (floats8)((ints8)x & mask); }
-static inline double lane_sum(doubles8 lanes) {
+
+/* 8 double accumulators, lane j summing element j of every 8-float block, as two 4-double halves: one 64-byte
+ * vector would live on the stack where the target has no 64-byte registers (AVX2), three times slower. */
+typedef struct { doubles4 low, high; } lanes8;
+
+static inline void add_lanes(lanes8 *sum, floats8 x) {
+    floats4 low, high;
+    memcpy(&low, &x, sizeof low);
+    memcpy(&high, (const char *)&x + sizeof low, sizeof high);
+    sum->low += __builtin_convertvector(low, doubles4);
+    sum->high += __builtin_convertvector(high, doubles4);
+}
+
+static inline double lane_sum(lanes8 lanes) {
     double sum = 0.0;
-    for (int j = 0; j < 8; j++) sum += lanes[j];
+    for (int j = 0; j < 4; j++) sum += lanes.low[j];
+    for (int j = 0; j < 4; j++) sum += lanes.high[j];
     return sum;
 }
 
@@ -133,7 +149,7 @@ double pact_backward(const float *restrict grad, const float *restrict v, float 
         int t = THREAD_ID;
         int64_t begin, end;
         chunk(n, t, TEAM_SIZE, &begin, &end);
-        doubles8 lanes = {0};
+        lanes8 lanes = {{0}, {0}};
         int64_t i = begin;
         for (; i + 8 <= end; i += 8) {
             floats8 x = load8(v + i), upstream = load8(grad + i);
@@ -142,8 +158,7 @@ double pact_backward(const float *restrict grad, const float *restrict v, float 
             ints8 lower = is_signed ? (x <= -alpha) & ~upper : upper & 0;
             ints8 pass = is_signed ? ~(upper | lower) : (x >= 0.0f) & ~upper;
             store8(grad_v + i, select8(pass, upstream));
-            lanes += __builtin_convertvector((floats8)((ints8)select8(upper, upstream) | (ints8)select8(lower, -upstream)),
-                                             doubles8);
+            add_lanes(&lanes, (floats8)((ints8)select8(upper, upstream) | (ints8)select8(lower, -upstream)));
         }
         double sum = lane_sum(lanes);
         for (; i < end; i++) { /* the last < 8 elements, same operations */
@@ -273,7 +288,7 @@ void qil_backward(const float *restrict grad, const float *restrict v, float *re
         int64_t begin, end;
         chunk(n, t, TEAM_SIZE, &begin, &end);
         float inverse = 1.0f / width; /* gradients need 1e-6 relative, not bits: one multiply instead of two divides */
-        doubles8 lanes_grad = {0}, lanes_base = {0};
+        lanes8 lanes_grad = {{0}, {0}}, lanes_base = {{0}, {0}};
         int64_t i = begin;
         for (; i + 8 <= end; i += 8) {
             floats8 m = load8(v + i), upstream = load8(grad + i);
@@ -281,8 +296,8 @@ void qil_backward(const float *restrict grad, const float *restrict v, float *re
             floats8 base = (m - prune) * inverse;
             floats8 grad_m = select8(inside, upstream * out_scale * inverse); /* out_scale 1 without a scale */
             store8(grad_v + i, grad_m);
-            lanes_grad += __builtin_convertvector(grad_m, doubles8);
-            lanes_base += __builtin_convertvector(select8(inside, grad_m * base), doubles8);
+            add_lanes(&lanes_grad, grad_m);
+            add_lanes(&lanes_base, select8(inside, grad_m * base));
         }
         double sum_grad = lane_sum(lanes_grad), sum_base = lane_sum(lanes_base);
         for (; i < end; i++) { /* the last < 8 elements, same operations */
@@ -300,113 +315,5 @@ void qil_backward(const float *restrict grad, const float *restrict v, float *re
     sums[1] = sum_partials(&partial[0][1], nt, 2);
 }
 
-/* ---- QIL with an exponent gamma and/or signed (its weights): AVX-512 only ------------------------------------------
- * x^gamma and log x come from torch's own SLEEF functions (Sleef_powf16_u10, Sleef_logf16_u10: what torch.pow and
- * torch.log run on an AVX512 CPU), handed over by native.py, so outputs equal torch's reference path bit for bit. No
- * other libm pow does (glibc's powf differs from SLEEF's in the last bit for some inputs), so elsewhere these
- * kernels are absent (qil_vector_math returns 0) and QIL's weights take the compiled kernels. */
-#if defined(__AVX512F__)
-#include <immintrin.h>
-
-typedef __m512 (*vector_pow)(__m512, __m512);
-typedef __m512 (*vector_log)(__m512);
-static vector_pow pow16;
-static vector_log log16;
-
-int qil_vector_math(void *pow_function, void *log_function) {
-    pow16 = (vector_pow)pow_function;
-    log16 = (vector_log)log_function;
-    return pow16 != 0 && log16 != 0;
-}
-
-static inline __mmask16 lanes(int64_t remaining) { return remaining >= 16 ? 0xFFFF : (__mmask16)((1u << remaining) - 1); }
-
-/* torch.sign: 1, -1, or 0 (also for NaN) */
-static inline __m512 sign16(__m512 x) {
-    __m512 zero = _mm512_setzero_ps();
-    __m512 positive = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), zero, _mm512_set1_ps(1.0f));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), positive, _mm512_set1_ps(-1.0f));
-}
-
-static inline __m512 abs16(__m512 x) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF))); }
-
-/* the float32 lanes summed in double, as two 8-lane halves */
-static inline __m512d add16(__m512d sum, __m512 x) {
-    sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
-    return _mm512_add_pd(sum, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
-}
-
-/* The eager body of _qil_forward_kernel: T(v) = ((m - prune) / width)^gamma inside (prune, clip] of m = |v| (signed)
- * or v, 1 above, 0 below (times sign(v) when signed), then round(T q) / q * out_scale. */
-void qil_gamma_forward(const float *restrict v, float *restrict out, int64_t n, float prune, float clip, float mid,
-                       float width, float gamma, float q, float out_scale, int is_signed, int has_gamma, int threads) {
-    int nt = team(n, threads);
-#pragma omp parallel num_threads(nt)
-    {
-        int64_t begin, end;
-        chunk(n, THREAD_ID, TEAM_SIZE, &begin, &end);
-        __m512 prune_v = _mm512_set1_ps(prune), clip_v = _mm512_set1_ps(clip), mid_v = _mm512_set1_ps(mid);
-        __m512 width_v = _mm512_set1_ps(width), gamma_v = _mm512_set1_ps(gamma), q_v = _mm512_set1_ps(q);
-        __m512 scale_v = _mm512_set1_ps(out_scale), one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-        for (int64_t i = begin; i < end; i += 16) {
-            __mmask16 valid = lanes(end - i);
-            __m512 x = _mm512_maskz_loadu_ps(valid, v + i);
-            __m512 m = is_signed ? abs16(x) : x;
-            __mmask16 inside = _mm512_cmp_ps_mask(m, prune_v, _CMP_GT_OQ) & _mm512_cmp_ps_mask(m, clip_v, _CMP_LE_OQ);
-            __m512 unit = _mm512_div_ps(_mm512_sub_ps(_mm512_mask_blend_ps(inside, mid_v, m), prune_v), width_v);
-            if (has_gamma) unit = pow16(unit, gamma_v);
-            __m512 transformed = _mm512_mask_blend_ps(inside, zero, unit);
-            transformed = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, clip_v, _CMP_GT_OQ), transformed, one);
-            if (is_signed) transformed = _mm512_mul_ps(transformed, sign16(x));
-            __m512 codes = _mm512_roundscale_ps(_mm512_mul_ps(transformed, q_v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            _mm512_mask_storeu_ps(out + i, valid, _mm512_mul_ps(_mm512_div_ps(codes, q_v), scale_v));
-        }
-    }
-}
-
-/* The eager body of _qil_backward_kernel: grad_v = upstream d T / d m / width (times sign(v) when signed) inside;
- * sums[0] = sum(grad_m), sums[1] = sum(grad_m * base) inside, sums[2] = sum(upstream * base^gamma * log base) inside
- * (minus d L / d prune, minus d L / d width, d L / d gamma). */
-void qil_gamma_backward(const float *restrict grad, const float *restrict v, float *restrict grad_v, int64_t n,
-                        float prune, float clip, float width, float gamma, float out_scale, int is_signed,
-                        int has_gamma, double *sums, int threads) {
-    double partial[MAX_THREADS][3] = {{0}};
-    int nt = team(n, threads);
-#pragma omp parallel num_threads(nt)
-    {
-        int t = THREAD_ID;
-        int64_t begin, end;
-        chunk(n, t, TEAM_SIZE, &begin, &end);
-        __m512 prune_v = _mm512_set1_ps(prune), clip_v = _mm512_set1_ps(clip), width_v = _mm512_set1_ps(width);
-        __m512 gamma_v = _mm512_set1_ps(gamma), exponent_v = _mm512_set1_ps(gamma - 1.0f);
-        __m512 scale_v = _mm512_set1_ps(out_scale), one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-        __m512d sum_grad = _mm512_setzero_pd(), sum_base = _mm512_setzero_pd(), sum_gamma = _mm512_setzero_pd();
-        for (int64_t i = begin; i < end; i += 16) {
-            __mmask16 valid = lanes(end - i);
-            __m512 x = _mm512_maskz_loadu_ps(valid, v + i), upstream = _mm512_maskz_loadu_ps(valid, grad + i);
-            __m512 m = is_signed ? abs16(x) : x;
-            __mmask16 inside = valid & _mm512_cmp_ps_mask(m, prune_v, _CMP_GT_OQ) & _mm512_cmp_ps_mask(m, clip_v, _CMP_LE_OQ);
-            __m512 base = _mm512_div_ps(_mm512_sub_ps(m, prune_v), width_v);
-            upstream = _mm512_mul_ps(upstream, scale_v); /* out_scale is 1 without a scale: x * 1 == x exactly */
-            if (is_signed) upstream = _mm512_mul_ps(upstream, sign16(x));
-            __m512 grad_base = upstream, gamma_term = zero;
-            if (has_gamma) {
-                __m512 safe = _mm512_mask_blend_ps(inside, one, base); /* outside lanes are masked out below */
-                grad_base = _mm512_mul_ps(upstream, _mm512_mul_ps(gamma_v, pow16(safe, exponent_v)));
-                gamma_term = _mm512_maskz_mov_ps(inside, _mm512_mul_ps(upstream, _mm512_mul_ps(pow16(safe, gamma_v), log16(safe))));
-            }
-            __m512 grad_m = _mm512_div_ps(_mm512_maskz_mov_ps(inside, grad_base), width_v);
-            _mm512_mask_storeu_ps(grad_v + i, valid, is_signed ? _mm512_mul_ps(grad_m, sign16(x)) : grad_m);
-            sum_grad = add16(sum_grad, grad_m);
-            sum_base = add16(sum_base, _mm512_maskz_mov_ps(inside, _mm512_mul_ps(grad_m, base)));
-            sum_gamma = add16(sum_gamma, gamma_term);
-        }
-        partial[t][0] = lane_sum((doubles8)sum_grad); /* __m512d and doubles8: the same 8 doubles */
-        partial[t][1] = lane_sum((doubles8)sum_base);
-        partial[t][2] = lane_sum((doubles8)sum_gamma);
-    }
-    for (int k = 0; k < 3; k++) sums[k] = sum_partials(&partial[0][k], nt, 3);
-}
-#else
-int qil_vector_math(void *pow_function, void *log_function) { (void)pow_function; (void)log_function; return 0; }
-#endif
+/* QIL with an exponent gamma and/or signed (its weights): vector pow / log from torch, AVX-512 or AVX2 */
+#include "native_qil_gamma.c"
