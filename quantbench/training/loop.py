@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from quantbench.config import TrainConfig, paper_lr
-from quantbench.qat import quantizer_parameters, regularization
+from quantbench.qat import quantizer_parameters
 from quantbench.data.memory import EvalBatches, MemoryLoader, pipeline_for
 from quantbench.training.distributed import Context, per_rank_batch, train_loader
 from quantbench.training.quantizer_hooks import QuantizerHooks
@@ -143,7 +143,9 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, on_step: S
                     teacher_logits = trainer.teacher(images)
                 kd = distillation_loss(logits.float(), teacher_logits.float(), config.distill_temperature)
                 loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
-        loss = loss + regularization(model).to(loss.device)
+        penalty = hooks.regularization()
+        if penalty is not None:
+            loss = loss + penalty.to(loss.device)
         if trainer.extra_loss is not None:
             loss = loss + trainer.extra_loss(step)
         optimizer.zero_grad(set_to_none=True)

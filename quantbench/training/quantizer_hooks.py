@@ -1,6 +1,7 @@
 """The training loop's side of the quantizer contract's optional hooks: the training-stage signal before each step's
-forward (``Quantizer.set_stage``) and the after-step hook (``Quantizer.after_step``), for every quantizer of a model,
-built-in or plugin (the loop's regularizer sum is :func:`quantbench.qat.regularization`).
+forward (``Quantizer.set_stage``), the after-step hook (``Quantizer.after_step``) and the extra loss term
+(``Quantizer.regularization``, as :func:`quantbench.qat.regularization` sums it), for every quantizer of a model,
+built-in or plugin.
 
 Only quantizers whose class overrides a hook are called, so a model of hook-free quantizers costs nothing per step.
 Under data parallelism the stage is a function of the global step, identical on every rank by construction; after
@@ -44,9 +45,17 @@ class QuantizerHooks:
         self.staged = [(quantizer, positions.get(id(quantizer), 0), count if id(quantizer) in positions else 1)
                        for quantizer in found if quantizer.hooks()["set_stage"]]
         self.stepped = [quantizer for quantizer in found if quantizer.hooks()["after_step"]]
+        self.regularized = [quantizer for quantizer in found if quantizer.hooks()["regularization"]]
 
     def __bool__(self) -> bool:
-        return bool(self.staged or self.stepped)
+        return bool(self.staged or self.stepped or self.regularized)
+
+    def regularization(self) -> torch.Tensor | None:
+        """The sum of the quantizers' extra loss terms, or None when no quantizer adds one (the others' terms are
+        zero by definition: skipping them saves a dozen tensor ops per step)."""
+        if not self.regularized:
+            return None
+        return torch.stack([quantizer.regularization() for quantizer in self.regularized]).sum()
 
     def before_step(self, step: int) -> None:
         """Give every staged quantizer the stage of global iteration ``step`` (before its forward)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -118,3 +119,27 @@ def test_hooked_state_is_identical_on_every_rank_and_lq_nets_fits_the_global_bat
     train(TrainConfig(**common, **runs["lq_nets"], out=str(tmp_path / "lq_nets-1")), progress=False)
     bases = _relative_differences(tmp_path / "lq_nets-1", tmp_path / "lq_nets-2", "basis")
     assert bases and max(bases.values()) <= 1e-3, bases
+
+
+def test_the_loop_adds_only_the_terms_of_quantizers_that_define_one() -> None:
+    """The loop sums regularization() over the quantizers that override it (the same total as qat.regularization,
+    whose other terms are zero) and adds it to the loss: PACT's alpha gets its L2 gradient through the real loop."""
+    from quantbench.qat import regularization
+    from quantbench.training.loop import Trainer, train_one_epoch
+
+    assert QuantizerHooks(nn.Sequential(quantizers.create("lsq", bits=4, signed=False)), 1, 1).regularization() is None
+    pact = quantizers.create("pact", bits=4, signed=False, alpha_l2=10.0)
+    model = nn.Sequential(nn.Flatten(), pact, nn.Linear(4, 3), quantizers.create("lsq", bits=4, signed=True))
+    batch = (torch.rand(8, 4), torch.randint(0, 3, (8,)))
+    model(batch[0])  # initialize
+    hooks = QuantizerHooks(model, 1, 1)
+    assert torch.equal(hooks.regularization(), regularization(model))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-30)
+    config = TrainConfig(dataset="digits", model="small_cnn", epochs=1, batch_size=8, lr=1e-30)  # nothing moves
+    train_one_epoch(Trainer(model, optimizer, config, torch.device("cpu"), 1), [batch], 0)
+    alpha_grad = float(pact.alpha.grad)
+    (term_grad,) = torch.autograd.grad(pact.regularization(), pact.alpha)
+    pact.alpha_l2 = 0.0
+    train_one_epoch(Trainer(model, optimizer, config, torch.device("cpu"), 1), [batch], 0)
+    assert float(term_grad) != 0.0
+    assert alpha_grad - float(pact.alpha.grad) == pytest.approx(float(term_grad), rel=1e-4)
