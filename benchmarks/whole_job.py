@@ -2,7 +2,8 @@
 ``quantbench compare``.
 
     python -m benchmarks.whole_job [--dataset fashion-mnist] [--model small_cnn] [--rounds 2] [--threads 2]
-                                   [--pipelines memory,loader] [--compare] [--out reports/benchmarks]
+                                   [--pipelines memory,loader] [--precisions fp,lsq] [--compare]
+                                   [--out reports/benchmarks]
 
 1. **epoch**: one training epoch plus the test-set evaluation, for full precision and for lsq 2-bit (fine-tuned from
    the same full-precision weights), by
@@ -92,6 +93,7 @@ def epoch_table(args: argparse.Namespace, root: Path) -> pd.DataFrame:
     train(base, progress=False)
     configs = {"fp": replace(base, out=str(root / "fp-run")),
                "lsq 2-bit": replace(base, quantizer="lsq", bits=2, init_from=str(root / "fp"), out=str(root / "q-run"))}
+    configs = {label: config for label, config in configs.items() if label.split()[0] in args.precisions.split(",")}
     data = create_dataset(args.dataset)
     runners = {}
     for label, config in configs.items():
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         "training at the start already warms the process up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pipelines", default="memory,loader", help="train contenders' --data-pipeline values")
+    parser.add_argument("--precisions", default="fp,lsq", help="which epochs to time: fp (full precision), lsq "
+                        "(lsq 2-bit)")
     parser.add_argument("--compare", action="store_true", help="also time the quick quantbench compare")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
