@@ -127,14 +127,19 @@ class N2UQ(Quantizer):
         quantized = scale * (2 * torch.round((unit + 1) * n / 2) / n - 1)
         return straight_through(quantized, w).to(w.dtype)  # straight-through, unclipped
 
+    def floored_widths(self) -> Tensor:
+        """The cell widths, floored at ``min_width``."""
+        return torch.where(self.widths > self.min_width, self.widths, torch.full_like(self.widths, self.min_width))
+
     def edges(self) -> tuple[Tensor, Tensor]:
         """(T_0..T_n, the floored widths): start, then start plus the cumulative widths."""
-        widths = torch.where(self.widths > self.min_width, self.widths, torch.full_like(self.widths, self.min_width))
+        widths = self.floored_widths()
         return torch.cat([self.start.reshape(1), self.start + torch.cumsum(widths, 0)]), widths
 
     def quantize_activation(self, x: Tensor) -> Tensor:
-        # the fused op (comparison chains, one pass each way); its reference is the composite with bucketize/gathers
-        _, widths = self.edges()
+        # the fused op (native C kernels or comparison chains, one pass each way); its reference is the composite with
+        # bucketize / gathers. The op builds the edges itself: only the floored widths here.
+        widths = self.floored_widths()
         return n2uq_quantize(x, self.start.to(x.dtype), widths.to(x.dtype), self.out_step.to(x.dtype), self.lowest)
 
     # ---- interface -----------------------------------------------------------------------------------------------

@@ -6,14 +6,22 @@ step took 6.2x full precision. Here the lookups are comparison chains over the (
 kernel runs as one loop per element, forward and backward; the per-cell sums the widths need are one ``index_add_``
 each over the elements' cells. At more than ``MAX_CHAINED_CELLS`` cells (8-bit layers) the chains would be longer than a binary search:
 the same bodies then look cells up with ``torch.bucketize`` (eager, still one fused backward).
+
+Contiguous float32 CPU inputs take the native kernels instead (``native_n2uq.c``, any number of cells): one pass each
+way, lookups equal to the reference's ``bucketize`` (NaN included: the top code, where the chains give 0), and the
+per-cell sums accumulated in double inside the pass, which the compiled and eager bodies leave to ``index_add_`` or
+to the sums over the cells beyond each edge.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from .dispatch import fused_op, param_grad, run_kernel, specialized
+from . import native
+from .dispatch import fused_op, native_library, param_grad, run_kernel, scalar_grad, specialized
 
 MAX_CHAINED_CELLS = 15  # up to 4 bits: comparison chains; above, bucketize
 
@@ -70,35 +78,52 @@ class _N2UQQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, start: Tensor, widths: Tensor, out_step: Tensor, lowest: int) -> Tensor:  # type: ignore[override]
         cells = widths.numel()
+        widths = widths.detach().contiguous()  # the native kernels index it
         edges = torch.cat([start.reshape(1), start + torch.cumsum(widths, 0)]).detach()
-        midpoints = (edges[:-1] + widths.detach() / 2).contiguous()
-        ctx.save_for_backward(x, edges, widths.detach(), midpoints, out_step.detach())
+        midpoints = (edges[:-1] + widths / 2).contiguous()
+        ctx.save_for_backward(x, edges, widths, midpoints, out_step.detach())
         ctx.lowest, ctx.cells = lowest, cells
+        ctx.lib = lib = native_library(x, scalars=(start, widths, out_step))
+        if lib is not None:
+            return native.n2uq_forward(lib, x, midpoints, float(out_step), float(lowest))
         return run_kernel(specialized(_forward_kernel, cells=cells), (x,), midpoints, out_step.detach(), float(lowest),
                           eager=cells > MAX_CHAINED_CELLS)  # bucketize above: not worth compiling
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, edges, widths, midpoints, out_step = ctx.saved_tensors
-        result = run_kernel(specialized(_backward_kernel, cells=ctx.cells), (grad.contiguous(), x), midpoints, edges,
-                            widths, out_step, float(ctx.lowest), eager=ctx.cells > MAX_CHAINED_CELLS)
-        grad_x, grad_out_step = result[0], result[1]
-        if ctx.cells <= MAX_CHAINED_CELLS:
-            # sums over cells >= i -> per cell: P_c = sum grad_x, and Q_c = (sum grad_x x - T_c P_c) / a_c
-            beyond, beyond_x = result[2][0], result[2][1]
-            per_cell = beyond - torch.cat([beyond[1:], beyond.new_zeros(1)])
-            per_cell_x = beyond_x - torch.cat([beyond_x[1:], beyond_x.new_zeros(1)])
-            own = (per_cell_x - edges[:-1] * per_cell) / widths
-        else:  # per-cell scatter: one pass each
-            cell = result[2].reshape(-1)
-            per_cell = torch.zeros(ctx.cells, dtype=x.dtype, device=x.device).index_add_(0, cell, grad_x.reshape(-1))
-            own = torch.zeros(ctx.cells, dtype=x.dtype, device=x.device).index_add_(0, cell, result[3].reshape(-1))
+        if ctx.lib is not None:  # per-cell sums (float64) straight from the pass
+            grad_x, total, per_cell, own = native.n2uq_backward(ctx.lib, grad.contiguous(), x, midpoints, edges, widths,
+                                                                float(out_step), float(ctx.lowest))
+            grad_out_step = scalar_grad(total, out_step)
+        else:
+            grad_x, grad_out_step, per_cell, own = _compiled_backward(ctx, grad, x, edges, widths, midpoints, out_step)
         # T_c = start + a_0 + ... + a_{c-1}: start gets -sum P_c; width a_j gets -(sum over cells after j of P_c) - Q_j
         later = torch.flip(torch.cumsum(torch.flip(per_cell, [0]), 0), [0]) - per_cell
         grad_start = param_grad(-per_cell.sum(), edges[0]) if ctx.needs_input_grad[1] else None
         grad_widths = (-(later + own)).to(widths.dtype) if ctx.needs_input_grad[2] else None
         grad_step = param_grad(grad_out_step, out_step) if ctx.needs_input_grad[3] else None
         return grad_x if ctx.needs_input_grad[0] else None, grad_start, grad_widths, grad_step, None
+
+
+def _compiled_backward(ctx: Any, grad: Tensor, x: Tensor, edges: Tensor, widths: Tensor, midpoints: Tensor,
+                       out_step: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The compiled or eager backward body: grad_x, the out_step gradient, and per cell P_c (sum of grad_x) and
+    Q_c (sum of grad_x * fraction)."""
+    result = run_kernel(specialized(_backward_kernel, cells=ctx.cells), (grad.contiguous(), x), midpoints, edges,
+                        widths, out_step, float(ctx.lowest), eager=ctx.cells > MAX_CHAINED_CELLS)
+    grad_x, grad_out_step = result[0], result[1]
+    if ctx.cells <= MAX_CHAINED_CELLS:
+        # sums over cells >= i -> per cell: P_c = sum grad_x, and Q_c = (sum grad_x x - T_c P_c) / a_c
+        beyond, beyond_x = result[2][0], result[2][1]
+        per_cell = beyond - torch.cat([beyond[1:], beyond.new_zeros(1)])
+        per_cell_x = beyond_x - torch.cat([beyond_x[1:], beyond_x.new_zeros(1)])
+        return grad_x, grad_out_step, per_cell, (per_cell_x - edges[:-1] * per_cell) / widths
+    # per-cell scatter: one pass each
+    cell = result[2].reshape(-1)
+    per_cell = torch.zeros(ctx.cells, dtype=x.dtype, device=x.device).index_add_(0, cell, grad_x.reshape(-1))
+    own = torch.zeros(ctx.cells, dtype=x.dtype, device=x.device).index_add_(0, cell, result[3].reshape(-1))
+    return grad_x, grad_out_step, per_cell, own
 
 
 def n2uq_reference(x: Tensor, start: Tensor, widths: Tensor, out_step: Tensor, lowest: int) -> Tensor:

@@ -1,6 +1,6 @@
-"""Native CPU kernels for the activation-sized work of lsq / fixed, pact and qil, for DoReFa's weights (PACT's weight
-scheme), and for QIL's signed / gamma weights where torch runs its AVX512 or AVX2 kernels (``native_kernels.c``,
-which includes ``native_qil_gamma.c``).
+"""Native CPU kernels for the activation-sized work of lsq / fixed, pact, qil and n2uq, for DoReFa's weights (PACT's
+weight scheme), and for QIL's signed / gamma weights where torch runs its AVX512 or AVX2 kernels (``native_kernels.c``,
+which includes ``native_qil_gamma.c`` and ``native_n2uq.c``).
 
 Why C and not only ``torch.compile``: a compiled kernel costs ~100 us of guard and wrapper work per forward+backward,
 and a ResNet-20 training step makes 44 such calls; a C function called through ``ctypes`` costs a few microseconds.
@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
-INCLUDED = (Path(__file__).with_name("native_qil_gamma.c"),)  # #include-d by SOURCE: part of the build's cache key
+#: #include-d by SOURCE: part of the build's cache key
+INCLUDED = (Path(__file__).with_name("native_qil_gamma.c"), Path(__file__).with_name("native_n2uq.c"))
 # -ffp-contract=off: no fused multiply-add (bit-identical to torch); -fno-trapping-math: branch-free selects vectorize
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -77,6 +78,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "qil_backward": ([p, p, p, i64, f32, f32, f32, f32, p, i32], None),
         "dorefa_forward": ([p, p, i64, f32, f32, i32], None),
         "dorefa_backward": ([p, p, p, i64, f32, i32, i32], None),
+        "n2uq_forward": ([p, p, i64, p, i32, f32, f32, i32], None),
+        "n2uq_backward": ([p, p, p, i64, p, p, p, i32, f32, f32, p, p, i32], f64),
     }
     if hasattr(library, "qil_gamma_forward"):  # built with AVX-512 or AVX2
         signatures["qil_gamma_forward"] = ([p, p, i64, f32, f32, f32, f32, f32, f32, f32, i32, i32, i32], None)
@@ -239,3 +242,24 @@ def qil_gamma_backward(lib: ctypes.CDLL, grad: Tensor, v: Tensor, prune: float, 
                            1.0 if gamma is None else gamma, 1.0 if out_scale is None else out_scale, int(signed),
                            int(gamma is not None), ctypes.addressof(sums), _threads())
     return grad_v, sums[0], sums[1], sums[2]
+
+
+def n2uq_forward(lib: ctypes.CDLL, x: Tensor, midpoints: Tensor, out_step: float, lowest: float) -> Tensor:
+    """``out_step * (code + lowest)``, code = how many of the (contiguous float32) ``midpoints`` x exceeds."""
+    out = torch.empty_like(x)
+    lib.n2uq_forward(x.data_ptr(), out.data_ptr(), x.numel(), midpoints.data_ptr(), midpoints.numel(), out_step,
+                     lowest, _threads())
+    return out
+
+
+def n2uq_backward(lib: ctypes.CDLL, grad: Tensor, x: Tensor, midpoints: Tensor, edges: Tensor, widths: Tensor,
+                  out_step: float, lowest: float) -> tuple[Tensor, float, Tensor, Tensor]:
+    """grad_x, the out_step gradient sum, and per cell (float64) the sums of grad_x and of grad_x * fraction."""
+    grad_x = torch.empty_like(x)
+    cells = widths.numel()
+    per_cell = torch.empty(cells, dtype=torch.float64)
+    per_cell_x = torch.empty(cells, dtype=torch.float64)
+    total = lib.n2uq_backward(grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), x.numel(), midpoints.data_ptr(),
+                              edges.data_ptr(), widths.data_ptr(), cells, out_step, lowest, per_cell.data_ptr(),
+                              per_cell_x.data_ptr(), _threads())
+    return grad_x, total, per_cell, per_cell_x

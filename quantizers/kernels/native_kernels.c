@@ -1,6 +1,6 @@
 /* quantbench's native CPU kernels: one pass forward, one pass backward, float32, for the activation-sized work of
- * lsq / fixed, pact and qil (unsigned, no gamma), DoReFa weights, and (native_qil_gamma.c, on AVX-512 and AVX2)
- * QIL's signed / gamma weights.
+ * lsq / fixed, pact and qil (unsigned, no gamma), DoReFa weights, (native_qil_gamma.c, on AVX-512 and AVX2)
+ * QIL's signed / gamma weights and (native_n2uq.c) N2UQ's activations.
  * Loaded by quantizers/native.py through ctypes.
  *
  * Each kernel does exactly the float32 operations of its Python body in quantizers/kernels/, in the same order
@@ -317,3 +317,6 @@ void qil_backward(const float *restrict grad, const float *restrict v, float *re
 
 /* QIL with an exponent gamma and/or signed (its weights): vector pow / log from torch, AVX-512 or AVX2 */
 #include "native_qil_gamma.c"
+
+/* N2UQ's activations: threshold lookups equal to torch.bucketize, per-cell sums */
+#include "native_n2uq.c"
