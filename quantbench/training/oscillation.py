@@ -21,11 +21,14 @@ get it too. Definitions (the README's conventions table):
 
 The tracker runs every step on the device (no host synchronization), on a fixed sample of ``SAMPLE`` weights per
 layer unless freezing needs every weight; ``summaries`` hands back device tensors that
-:mod:`quantbench.training.dynamics` transfers once per recording.
+:mod:`quantbench.training.dynamics` transfers once per recording. On CPU (float32, without freezing) a step's codes
+and flat-state update are one native call for all layers (``quantizers/kernels/native_oscillation.c``: the same
+codes and flags, frequencies to float32 rounding), which keeps tracking within a few percent of a small model's step.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 from typing import Any
@@ -98,6 +101,9 @@ class OscillationTracker:
                       for (_, weight, _), sample in zip(self.layers, self.samples)]
         self._flat: dict[str, Tensor] = {}
         self._flipped_flat: Tensor | None = None
+        # the samples' addresses for the native step (0: every element)
+        self._sample_pointers = (ctypes.c_int64 * len(self.layers))(
+            *[0 if sample is None else sample.data_ptr() for sample in self.samples])
 
     # ---- per step -------------------------------------------------------------------------------------------------
 
@@ -136,15 +142,17 @@ class OscillationTracker:
         if not self.layers:
             return
         with torch.no_grad():
-            quantized_all, levels_all, codes = [], [], []
-            for (_, weight, quantizer), quantized, sample in zip(self.layers, self.quantized(step), self.samples):
-                levels = quantizer.levels().detach()
-                quantized = quantized.reshape(-1)  # state is flat (over the sample, when sampling)
+            quantized = self.quantized(step)
+            levels_all = [quantizer.levels().detach() for _, _, quantizer in self.layers]
+            if self._native_step(quantized, levels_all):
+                return
+            quantized_all, codes = [], []
+            for values, levels, sample in zip(quantized, levels_all, self.samples):
+                values = values.reshape(-1)  # state is flat (over the sample, when sampling)
                 if sample is not None:
-                    quantized = quantized.index_select(0, sample)
-                quantized_all.append(quantized)
-                levels_all.append(levels)
-                codes.append(nearest_codes(quantized, levels))  # int64 as bucketize gives it: no conversion per step
+                    values = values.index_select(0, sample)
+                quantized_all.append(values)
+                codes.append(nearest_codes(values, levels))  # int64 as bucketize gives it: no conversion per step
             codes = torch.cat(codes)
             if not self._flat:
                 self._start(codes, quantized_all, levels_all)
@@ -162,6 +170,35 @@ class OscillationTracker:
             for index, (_, weight, quantizer) in enumerate(self.layers):
                 if "frozen" in self.state[index]:
                     self._freeze(self.state[index], weight, quantizer, levels_all[index], quantized_all[index])
+
+    def _native_step(self, quantized: list[Tensor], levels: list[Tensor]) -> bool:
+        """This step's codes and flat-state update in one native call; False (nothing done) where it does not apply:
+        the first step, freezing, or tensors that are not float32 CPU (the native backend's rule)."""
+        from quantizers.kernels import native
+        from quantizers.kernels.dispatch import native_library
+
+        flat = self._flat
+        if not flat or self.freeze > 0 or flat["code"].device.type != "cpu":
+            return False
+        values = [tensor.contiguous() for tensor in quantized]
+        levels = [tensor.contiguous() for tensor in levels]
+        if not all(native.eligible(tensor) for tensor in values + levels):
+            return False
+        library = native_library(values[0])
+        if library is None:
+            return False
+        if self._flipped_flat is None:  # the native step writes this step's flips into one buffer
+            self._flipped_flat = torch.zeros_like(flat["moved"])
+        count = len(values)
+        status = library.oscillation_step(
+            count, (ctypes.c_int64 * count)(*[tensor.data_ptr() for tensor in values]), self._sample_pointers,
+            (ctypes.c_int64 * count)(*self.sizes), (ctypes.c_int64 * count)(*[tensor.data_ptr() for tensor in levels]),
+            (ctypes.c_int64 * count)(*[tensor.numel() for tensor in levels]), flat["code"].data_ptr(),
+            flat["moved"].data_ptr(), flat["rising"].data_ptr(), flat["frequency"].data_ptr(),
+            self._flipped_flat.data_ptr(), MOMENTUM)
+        if status != 0:
+            raise MemoryError("oscillation tracking: out of memory for the level midpoints")
+        return True
 
     def _start(self, codes: Tensor, quantized: list[Tensor], levels: list[Tensor]) -> None:
         """The first step's codes: no flip yet; freezing state for the layers that freeze."""

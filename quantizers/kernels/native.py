@@ -30,7 +30,8 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 #: #include-d by SOURCE: part of the build's cache key
-INCLUDED = (Path(__file__).with_name("native_qil_gamma.c"), Path(__file__).with_name("native_n2uq.c"))
+INCLUDED = tuple(Path(__file__).with_name(name) for name in ("native_qil_gamma.c", "native_n2uq.c",
+                                                             "native_oscillation.c"))
 # -ffp-contract=off: no fused multiply-add (bit-identical to torch); -fno-trapping-math: branch-free selects vectorize
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -80,6 +81,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "dorefa_backward": ([p, p, p, i64, f32, i32, i32], None),
         "n2uq_forward": ([p, p, i64, p, i32, f32, f32, i32], None),
         "n2uq_backward": ([p, p, p, i64, p, p, p, i32, f32, f32, p, p, i32], f64),
+        "oscillation_step": ([i32, p, p, p, p, p, p, p, p, p, p, f32], i32),
     }
     if hasattr(library, "qil_gamma_forward"):  # built with AVX-512 or AVX2
         signatures["qil_gamma_forward"] = ([p, p, i64, f32, f32, f32, f32, f32, f32, f32, i32, i32, i32], None)

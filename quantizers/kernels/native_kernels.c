@@ -320,3 +320,6 @@ void qil_backward(const float *restrict grad, const float *restrict v, float *re
 
 /* N2UQ's activations: threshold lookups equal to torch.bucketize, per-cell sums */
 #include "native_n2uq.c"
+
+/* Oscillation tracking of quantbench's training loop: codes by nearest level and the flip EMA, all layers at once */
+#include "native_oscillation.c"

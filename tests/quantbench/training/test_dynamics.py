@@ -154,6 +154,45 @@ def test_oscillation_counts_flips_that_reverse_direction_only() -> None:
     assert torch.equal(nearest_codes(levels, levels), torch.arange(levels.numel()))
 
 
+@pytest.mark.parametrize("name", ["lsq", "apot"])  # a uniform and a non-uniform grid
+def test_the_native_tracking_step_equals_the_tensor_ops(name: str, monkeypatch) -> None:
+    """On CPU a step's codes and flat-state update are one native call: the same codes, flags and flips as the tensor
+    ops and the same frequencies to float32 rounding, on sampled (5120 weights) and whole layers, 2 and 8 bits, sizes
+    that are not multiples of the kernel's 8 lanes."""
+    from quantizers.kernels import dispatch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 7, 3, padding=1), nn.ReLU(), nn.Conv2d(7, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    images = torch.randn(32, 1, 8, 8)
+    quantize_(model, QuantConfig(name, bits=2), images)
+    model(images)
+    native, tensor_ops = OscillationTracker(model), OscillationTracker(model)
+    taken = []
+    original = OscillationTracker._native_step
+    monkeypatch.setattr(OscillationTracker, "_native_step",
+                        lambda self, *args: taken.append(original(self, *args)) or taken[-1])
+    generator = torch.Generator().manual_seed(1)
+    for step in range(12):
+        with torch.no_grad():
+            for _, weight, quantizer in native.layers:  # about half a grid step: flips both ways, some reversed
+                grid = float((quantizer.levels()[1:] - quantizer.levels()[:-1]).min())
+                weight.add_(torch.randn(weight.shape, generator=generator) * 0.5 * grid)
+        with dispatch.kernels("eager"):
+            tensor_ops.update(step)
+        before = len(taken)
+        with dispatch.kernels("native"):
+            native.update(step)
+        assert taken[before:] == [step > 0], "the native step did not run (or ran on the first step)"
+        for key in ("code", "moved", "rising"):
+            assert torch.equal(native._flat[key], tensor_ops._flat[key]), f"step {step}: {key} differs"
+        torch.testing.assert_close(native._flat["frequency"], tensor_ops._flat["frequency"], rtol=0, atol=1e-6)
+        if step > 0:
+            assert torch.equal(native._flipped_flat, tensor_ops._flipped_flat)
+    assert bool(native._flat["moved"].any()) and float(native._flat["frequency"].max()) > 0  # something happened
+    assert native.sizes == [63, 504, 4096]
+
+
 def test_tracker_state_survives_a_checkpoint_and_old_state_restarts_tracking(tmp_path: Path) -> None:
     """All layers' state lives in flat tensors (per-layer views); a checkpoint restores it exactly, and state in
     another format (an older checkpoint) starts tracking afresh instead of misreading it."""
