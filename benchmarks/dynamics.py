@@ -5,7 +5,8 @@
 Each contender trains the same quantized model (``--quantizer`` at ``--bits``, first/last 8 bits, as ``quantbench
 train``) on the same fixed batches through the real loop (``train_one_epoch``): ``off`` without a callback, ``every=N``
 with the run's callback (oscillation tracking every step, a recording every N steps, rows buffered as in a run) and
-``freeze`` / ``dampen`` with a remedy on at every=N for the largest N. A round runs ``steps`` steps of every
+``freeze`` / ``dampen`` with a remedy on at every=N for the largest N, and ``off (again)``, a second model without
+dynamics built last (the A/A pair: how far two identical contenders differ, the floor under every ratio). A round runs ``steps`` steps of every
 contender (a multiple of each N, so every round holds the same number of recordings), the order rotated each round;
 the table gives the median seconds per step over rounds and the ratio to ``off``. The default clock is this
 process's CPU time on one thread, so other processes on a shared machine do not enter the measurement. Nothing is written to a run
@@ -85,8 +86,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         batches += batches[: steps - len(batches)]
     contenders = {"off": build(args, batches, None)}
     contenders.update({f"every={n}": build(args, batches, n) for n in intervals})
+
     contenders[f"freeze, every={intervals[-1]}"] = build(args, batches, intervals[-1], freeze=0.02)
     contenders[f"dampen, every={intervals[-1]}"] = build(args, batches, intervals[-1], dampen=1e-4)
+    # the A/A pair: a second model without dynamics, built last. Identical contenders still differ (where their
+    # tensors sit in memory, cache and allocator state); their ratio is the floor under the others.
+    contenders["off (again)"] = build(args, batches, None)
     epochs = {name: 1 for name in contenders}
 
     def runner(name: str):
