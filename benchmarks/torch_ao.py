@@ -1,7 +1,7 @@
 """LSQ against torch.ao's learnable fake quantization, the way each is called in training, under each setting that
 could explain a different ratio: the allocator, torch.ao's zero-point gradient, threads.
 
-    python -m benchmarks.torch_ao [--sizes 22,24] [--bits 2] [--rounds 20] [--threads 2]
+    python -m benchmarks.torch_ao [--sizes 22,24] [--bits 2] [--rounds 20] [--threads 2] [--input uniform|normal]
 
 Contenders (forward + backward with respect to the input and the range parameters, unsigned activations):
 
@@ -16,6 +16,11 @@ Contenders (forward + backward with respect to the input and the range parameter
 Each setting runs in its own subprocess (the allocator setting cannot be undone in a process): ``warm`` is the
 quantizer benchmark's (``benchmarks.machine.warm_allocator``: glibc keeps freed memory, so big tensors are not
 page-faulted in on every call), ``default`` is glibc's own. Medians over interleaved rounds; ratio = contender / lsq.
+
+Inputs: ``uniform`` (default), ``4 * U(0, 1)``: non-negative, as an unsigned quantizer sees activations after a ReLU;
+``normal``, ``N(0, 1)``: what ``benchmarks.quantizers`` feeds every op, half of it below the unsigned grid at random
+positions. torch.ao's kernel branches per element on clipping, so it takes about twice as long on ``normal``; lsq's
+time does not depend on the input.
 """
 
 from __future__ import annotations
@@ -59,7 +64,11 @@ def contenders(x: torch.Tensor, bits: int) -> dict:
     }
 
 
-def measure(setting: str, sizes: list[int], bits: int, rounds: int, threads: int) -> list[dict]:
+INPUTS = {"uniform": lambda n, g: torch.rand(n, generator=g) * 4, "normal": lambda n, g: torch.randn(n, generator=g)}
+
+
+def measure(setting: str, sizes: list[int], bits: int, rounds: int, threads: int,
+            input_kind: str = "uniform") -> list[dict]:
     from benchmarks.machine import interleaved, warm_allocator
 
     allocator = warm_allocator() if setting == "warm" else "glibc default"
@@ -67,7 +76,7 @@ def measure(setting: str, sizes: list[int], bits: int, rounds: int, threads: int
     rows = []
     for exponent in sizes:
         generator = torch.Generator().manual_seed(exponent)
-        x = torch.rand(1 << exponent, generator=generator) * 4
+        x = INPUTS[input_kind](1 << exponent, generator)
         upstream = torch.randn(1 << exponent, generator=generator)
         built = contenders(x, bits)
 
@@ -84,8 +93,8 @@ def measure(setting: str, sizes: list[int], bits: int, rounds: int, threads: int
         samples = interleaved({name: runner(fn, params) for name, (fn, params) in built.items()}, rounds, warmup=2)
         base = statistics.median(samples["lsq"])
         for name, times in samples.items():
-            rows.append({"allocator": allocator, "setting": setting, "elements": f"2^{exponent}", "threads": threads,
-                         "contender": name, "median_ms": 1e3 * statistics.median(times),
+            rows.append({"allocator": allocator, "setting": setting, "input": input_kind,
+                         "elements": f"2^{exponent}", "threads": threads, "contender": name, "median_ms": 1e3 * statistics.median(times),
                          "ratio_to_lsq": statistics.median(times) / base})
     return rows
 
@@ -97,13 +106,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", default="2", help="comma separated")
     parser.add_argument("--settings", default="warm,default")
+    parser.add_argument("--input", choices=sorted(INPUTS), default="uniform", help="the input tensor (see above)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.child:
         setting, threads = args.child.split(":")
-        print(json.dumps(measure(setting, sizes, args.bits, args.rounds, int(threads))))
+        print(json.dumps(measure(setting, sizes, args.bits, args.rounds, int(threads), args.input)))
         return
     import pandas as pd
 
@@ -113,13 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     for setting in args.settings.split(","):
         for threads in args.threads.split(","):
             command = [sys.executable, "-m", "benchmarks.torch_ao", "--sizes", args.sizes, "--bits", str(args.bits),
-                       "--rounds", str(args.rounds), "--child", f"{setting}:{threads}"]
+                       "--rounds", str(args.rounds), "--input", args.input, "--child", f"{setting}:{threads}"]
             result = subprocess.run(command, check=True, capture_output=True, text=True)
             rows += json.loads(result.stdout.strip().splitlines()[-1])
     frame = pd.DataFrame(rows)
     table = frame.pivot_table(index=["setting", "threads", "elements"], columns="contender", values="ratio_to_lsq",
                               sort=False)
-    header = (f"{args.bits}-bit, {args.rounds} interleaved rounds, {cpu_model()} "
+    header = (f"{args.bits}-bit, {args.input} input, {args.rounds} interleaved rounds, {cpu_model()} "
               f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
               f"load {load_average()}; ratio = contender's median forward+backward / lsq's")
     text = f"{header}\n\n{table.to_string(float_format=lambda v: f'{v:.2f}')}\n\nmedian ms:\n" + frame.pivot_table(
