@@ -97,7 +97,7 @@ def test_a_bad_choice_is_one_line_naming_the_choices() -> None:
 def test_qil_prunes_at_the_pruning_point_and_keeps_the_clipping_point_interior() -> None:
     quantizer = quantizers.create("qil", bits=2, signed=False)
     quantizer.set_step(1.0)  # c = d = 1.5: interval (0, 3]
-    prune, clip, _ = (float(t) for t in quantizer.interval())
+    prune, clip, _ = (float(t.detach()) for t in quantizer.interval())
     for backend in ("native", "eager", "reference"):
         v = torch.tensor([prune, clip], requires_grad=True)
         with dispatch.kernels(backend):
