@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on, the allocator setting every contender shares, and interleaved timing."""
+"""The machine a benchmark ran on, the allocator setting every contender shares, interleaved timing, and the report
+files a benchmark writes."""
 
 from __future__ import annotations
 
@@ -91,3 +92,13 @@ def interleaved(runners: dict[str, Callable[[], float]], rounds: int, warmup: in
             if index >= warmup:
                 samples[name].append(elapsed)
     return samples
+
+
+def write_text_report(out: str | Path, name: str, frame: Any, text: str, module: str,
+                      argv: list[str] | None) -> None:
+    """``out/name.csv`` (the frame) and ``out/name.md``: the command that made it, then ``text`` verbatim."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(folder / f"{name}.csv", index=False)
+    command = " ".join([f"python -m {module}", *(argv or sys.argv[1:])])
+    (folder / f"{name}.md").write_text(f"Made by `{command}`.\n\n```\n{text}\n```\n")

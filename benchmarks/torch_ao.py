@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import pandas as pd
 
-    from benchmarks.machine import cpu_model, load_average
+    from benchmarks.machine import cpu_model, load_average, write_text_report
 
     rows = []
     for setting in args.settings.split(","):
@@ -137,13 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         float_format=lambda v: f"{v:.2f}")
     print(text)
     if args.out:
-        from pathlib import Path
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(out / "torch_ao.csv", index=False)
-        (out / "torch_ao.md").write_text(f"Made by `python -m benchmarks.torch_ao {' '.join(argv or sys.argv[1:])}`."
-                                         f"\n\n```\n{text}\n```\n")
+        write_text_report(args.out, "torch_ao", frame, text, "benchmarks.torch_ao", argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from benchmarks.machine import cpu_model, interleaved, load_average
+from benchmarks.machine import cpu_model, interleaved, load_average, write_text_report
 from quantbench.config import TrainConfig
 from quantbench.data import create_dataset
 from quantbench.qat import QuantConfig, quantize_
@@ -150,11 +150,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(out / "whole_job.csv", index=False)
-        (out / "whole_job.md").write_text(f"Made by `python -m benchmarks.whole_job {' '.join(argv or sys.argv[1:])}`."
-                                          f"\n\n```\n{text}\n```\n")
+        write_text_report(args.out, "whole_job", frame, text, "benchmarks.whole_job", argv)
     return frame
 
 

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from quantizers import Quantizer
+from quantizers.kernels import native
+from quantizers.kernels.dispatch import native_library
 
 MOMENTUM = 0.01  # the paper's EMA momentum
 OSCILLATING = 0.02  # frequency above which a weight counts as oscillating (2x the momentum, as the paper advises)
@@ -174,9 +176,6 @@ class OscillationTracker:
     def _native_step(self, quantized: list[Tensor], levels: list[Tensor]) -> bool:
         """This step's codes and flat-state update in one native call; False (nothing done) where it does not apply:
         the first step, freezing, or tensors that are not float32 CPU (the native backend's rule)."""
-        from quantizers.kernels import native
-        from quantizers.kernels.dispatch import native_library
-
         flat = self._flat
         if not flat or self.freeze > 0 or flat["code"].device.type != "cpu":
             return False

@@ -12,41 +12,25 @@
  * Flags are bytes (torch.bool), codes int64 (what bucketize returns). Returns 0, or -1 when out of memory. */
 #include <stdlib.h>
 
-/* the number of midpoints below x: branch-free binary search (a compare and a conditional move per halving, no
- * mispredicted branches); !(m >= x) counts NaN above every midpoint, as torch's search does */
-static inline int64_t nearest_level(const float *midpoints, int64_t count, float x) {
-    if (count == 0) return 0;
-    const float *base = midpoints;
-    for (int64_t n = count; n > 1;) {
-        int64_t half = n >> 1;
-        base = !(base[half - 1] >= x) ? base + half : base;
-        n -= half;
-    }
-    return (base - midpoints) + !(*base >= x);
-}
-
-/* now[i] = nearest_level(values[sample ? sample[i] : i]) for every i: 8 at a time with N2UQ's threshold lookups
- * (native_n2uq.c: compared one by one up to 16 midpoints, a bucket table and a short search up to 255), which
- * count exactly as nearest_level does; the binary search for more midpoints, unsorted ones, and the tail. */
+/* now[i] = the number of midpoints below values[sample ? sample[i] : i]: 8 at a time with N2UQ's threshold lookups
+ * (native_n2uq.c: compared one by one up to 16 midpoints, a bucket table and a short search up to 255, torch's
+ * binary search beyond or when unsorted), the last < 8 with torch's binary search itself; all count as bucketize. */
 static void nearest_levels(const float *values, const int64_t *sample, int64_t count, const float *midpoints,
-                           int64_t boundaries, int64_t *now) {
-    int method = boundaries >= 1 && boundaries <= N2UQ_SEARCH_MAX ? n2uq_method(midpoints, NULL, (int)boundaries)
-                                                                 : N2UQ_EXACT;
+                           int boundaries, int64_t *now) {
+    int method = n2uq_method(midpoints, NULL, boundaries);
+    n2uq_search search;
+    n2uq_broadcast linear;
+    if (method == N2UQ_SEARCH) n2uq_search_prepare(&search, midpoints, boundaries);
+    if (method == N2UQ_LINEAR) n2uq_broadcast_fill(&linear, midpoints, boundaries);
     int64_t i = 0;
-    if (method != N2UQ_EXACT) {
-        n2uq_search search;
-        n2uq_broadcast linear;
-        if (method == N2UQ_SEARCH) n2uq_search_prepare(&search, midpoints, (int)boundaries);
-        else n2uq_broadcast_fill(&linear, midpoints, (int)boundaries);
-        for (; i + 8 <= count; i += 8) {
-            floats8 x;
-            if (sample) for (int l = 0; l < 8; l++) x[l] = values[sample[i + l]];
-            else x = load8(values + i);
-            ints8 found = n2uq_find8(method, midpoints, (int)boundaries, &linear, &search, x);
-            for (int l = 0; l < 8; l++) now[i + l] = found[l];
-        }
+    for (; i + 8 <= count; i += 8) {
+        floats8 x;
+        if (sample) for (int l = 0; l < 8; l++) x[l] = values[sample[i + l]];
+        else x = load8(values + i);
+        ints8 found = n2uq_find8(method, midpoints, boundaries, &linear, &search, x);
+        for (int l = 0; l < 8; l++) now[i + l] = found[l];
     }
-    for (; i < count; i++) now[i] = nearest_level(midpoints, boundaries, values[sample ? sample[i] : i]);
+    for (; i < count; i++) now[i] = torch_lower_bound(midpoints, boundaries, values[sample ? sample[i] : i]);
 }
 
 int oscillation_step(int layers, const int64_t *value_pointers, const int64_t *sample_pointers,
@@ -68,7 +52,7 @@ int oscillation_step(int layers, const int64_t *value_pointers, const int64_t *s
             return -1;
         }
         for (int64_t k = 0; k < boundaries; k++) midpoints[k] = (levels[k + 1] + levels[k]) / 2.0f;
-        nearest_levels(values, sample, count, midpoints, boundaries, now);
+        nearest_levels(values, sample, count, midpoints, (int)boundaries, now);
         /* the flat update: element-wise, vectorized */
         int64_t *restrict old = code + offset;
         uint8_t *restrict was_moved = moved + offset, *restrict was_rising = rising + offset;

@@ -163,18 +163,6 @@ static inline float sign1(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
 
 static inline __m256 abs8(__m256 x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
 
-/* the 8 float32 lanes summed in double into 4 double lanes */
-static inline __m256d add8(__m256d sum, __m256 x) {
-    sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-    return _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
-}
-
-static inline double lane_sum4(__m256d x) {
-    double lanes[4];
-    _mm256_storeu_pd(lanes, x);
-    return lanes[0] + lanes[1] + lanes[2] + lanes[3];
-}
-
 /* The eager body of _qil_forward_kernel (see the AVX-512 version), 8 lanes, torch's scalar tails with powf. */
 void qil_gamma_forward(const float *restrict v, float *restrict out, int64_t n, float prune, float clip, float mid,
                        float width, float gamma, float q, float out_scale, int is_signed, int has_gamma, int threads) {
@@ -226,7 +214,7 @@ void qil_gamma_backward(const float *restrict grad, const float *restrict v, flo
         __m256 prune_v = _mm256_set1_ps(prune), clip_v = _mm256_set1_ps(clip), width_v = _mm256_set1_ps(width);
         __m256 gamma_v = _mm256_set1_ps(gamma), exponent_v = _mm256_set1_ps(gamma - 1.0f);
         __m256 scale_v = _mm256_set1_ps(out_scale), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-        __m256d sum_grad = _mm256_setzero_pd(), sum_base = _mm256_setzero_pd(), sum_gamma = _mm256_setzero_pd();
+        lanes8 sum_grad = {{0}, {0}}, sum_base = {{0}, {0}}, sum_gamma = {{0}, {0}}; /* native_kernels.c's */
         int64_t i = begin;
         for (; i + 8 <= end; i += 8) {
             __m256 x = _mm256_loadu_ps(v + i), upstream = _mm256_loadu_ps(grad + i);
@@ -243,11 +231,11 @@ void qil_gamma_backward(const float *restrict grad, const float *restrict v, flo
             }
             __m256 grad_m = _mm256_div_ps(_mm256_and_ps(inside, grad_base), width_v);
             _mm256_storeu_ps(grad_v + i, is_signed ? _mm256_mul_ps(grad_m, sign8(x)) : grad_m);
-            sum_grad = add8(sum_grad, grad_m);
-            sum_base = add8(sum_base, _mm256_and_ps(inside, _mm256_mul_ps(grad_m, base)));
-            sum_gamma = add8(sum_gamma, gamma_term);
+            add_lanes(&sum_grad, (floats8)grad_m);
+            add_lanes(&sum_base, (floats8)_mm256_and_ps(inside, _mm256_mul_ps(grad_m, base)));
+            add_lanes(&sum_gamma, (floats8)gamma_term);
         }
-        double total_grad = lane_sum4(sum_grad), total_base = lane_sum4(sum_base), total_gamma = lane_sum4(sum_gamma);
+        double total_grad = lane_sum(sum_grad), total_base = lane_sum(sum_base), total_gamma = lane_sum(sum_gamma);
         for (; i < end; i++) { /* the last < 8 elements, same operations */
             float m = is_signed ? fabsf(v[i]) : v[i];
             int inside = (m > prune) & (m <= clip);
