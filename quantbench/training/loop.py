@@ -21,6 +21,7 @@ from quantbench.data.memory import EvalBatches, MemoryLoader, pipeline_for
 from quantbench.training.distributed import Context, per_rank_batch, train_loader
 from quantbench.training.quantizer_hooks import QuantizerHooks
 from quantbench.utils.modules import topk_correct
+from quantizers.kernels.dispatch import match_inductor_isa
 
 #: ``callback(step, loss, logits, labels)``: step is the global iteration; gradients are in ``.grad``
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
@@ -163,6 +164,7 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int, on_step: S
             optimizer.step()
         hooks.after_step(step)
         if config.compile and not trainer.compiled:
+            match_inductor_isa()
             forward = trainer.forward = torch.compile(forward)  # after one eager step: quantizers initialize eagerly
             trainer.compiled = True
         with torch.no_grad():

@@ -208,6 +208,24 @@ def _as_tensor(value: Any, like: Tensor) -> Tensor:
     return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
+#: inductor's C++ vector width (bits) for a torch CPU capability lowered by ATEN_CPU_CAPABILITY. torch 2.14's inductor
+#: on an AVX-512 host under ATEN_CPU_CAPABILITY=avx2 (or default) otherwise emits loops whose stride does not match
+#: its vectors: every element past the eighth comes out wrong. 1: scalar code (no vector ISA, as torch's DEFAULT).
+_LOWERED_SIMDLEN = {"AVX2": 256, "DEFAULT": 1}
+
+
+def match_inductor_isa() -> None:
+    """Make inductor's CPU code use the vector ISA torch's own kernels run (only when ``ATEN_CPU_CAPABILITY`` is set
+    and the user set no ``cpp.simdlen``): call before ``torch.compile``. Imported lazily: inductor's config module
+    takes seconds to import."""
+    if not os.environ.get("ATEN_CPU_CAPABILITY"):
+        return
+    import torch._inductor.config as inductor_config
+
+    if inductor_config.cpp.simdlen is None:
+        inductor_config.cpp.simdlen = _LOWERED_SIMDLEN.get(torch.backends.cpu.get_cpu_capability())
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
@@ -228,6 +246,7 @@ def run_kernel(kernel: Callable, tensors: tuple[Tensor, ...], *scalars: Any, eag
     compiled = _compiled.get(kernel)
     try:
         if compiled is None:
+            match_inductor_isa()
             compiled = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
         result = compiled(*flat, *rest)
     except torch.OutOfMemoryError:

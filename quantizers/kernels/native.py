@@ -4,7 +4,8 @@ which includes ``native_qil_gamma.c`` and ``native_n2uq.c``).
 
 Why C and not only ``torch.compile``: a compiled kernel costs ~100 us of guard and wrapper work per forward+backward,
 and a ResNet-20 training step makes 44 such calls; a C function called through ``ctypes`` costs a few microseconds.
-The C file is built on first use with the system C compiler (``$CC``, else ``cc``; ``FLAGS`` below, with ``-fopenmp``) into ``$QUANTBENCH_CACHE`` (default ``~/.cache/quantbench``), keyed by the source, the flags, the
+The C file is built on first use with the system C compiler (``$CC``, else ``cc``; ``FLAGS`` and ``isa_flags()``
+below, with ``-fopenmp``) into ``$QUANTBENCH_CACHE`` (default ``~/.cache/quantbench``), keyed by the source, the flags, the
 compiler and the CPU, and loaded with ``ctypes``. OpenMP links to the ``libgomp.so.1`` torch already loaded, so the
 kernels share torch's threads. Without a compiler quantbench warns once and uses the compiled or eager kernels.
 
@@ -33,7 +34,18 @@ SOURCE = Path(__file__).with_name("native_kernels.c")
 INCLUDED = tuple(Path(__file__).with_name(name) for name in ("native_qil_gamma.c", "native_n2uq.c",
                                                              "native_oscillation.c"))
 # -ffp-contract=off: no fused multiply-add (bit-identical to torch); -fno-trapping-math: branch-free selects vectorize
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+#: x86-64: the vector ISA the kernels are built for follows the one torch runs (``ATEN_CPU_CAPABILITY`` lowers both),
+#: so one AVX-512 host can build and test the AVX-512, AVX2 and plain paths, and none is on where torch's is not
+X86_ISA_FLAGS = {"AVX512": ["-march=native"], "AVX2": ["-march=native", "-mno-avx512f"],
+                 "DEFAULT": ["-march=native", "-mno-avx"]}
+
+
+def isa_flags() -> list[str]:
+    """The -march flags for this host and torch's CPU capability (x86-64: AVX512, AVX2 or DEFAULT)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["-march=native"]
+    return X86_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), X86_ISA_FLAGS["DEFAULT"])
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 _lock = threading.Lock()
@@ -60,7 +72,7 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         output = Path(scratch) / target.name
         for extra in (["-fopenmp"], []):  # without OpenMP support, single-threaded kernels
-            command = [compiler, *FLAGS, *extra, str(SOURCE), "-o", str(output), "-lm"]
+            command = [compiler, *FLAGS, *isa_flags(), *extra, str(SOURCE), "-o", str(output), "-lm"]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(output, target)
@@ -130,7 +142,7 @@ def library() -> ctypes.CDLL | None:
             if compiler is None:
                 raise RuntimeError("no C compiler (set CC, or install gcc)")
             key = hashlib.sha256(
-                b"".join(path.read_bytes() for path in (SOURCE, *INCLUDED)) + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode()
+                b"".join(path.read_bytes() for path in (SOURCE, *INCLUDED)) + " ".join(FLAGS + isa_flags()).encode() + compiler.encode() + _cpu_signature().encode()
             ).hexdigest()[:16]
             target = cache_dir() / f"quantbench_kernels_{key}.so"
             if not target.is_file():

@@ -6,12 +6,36 @@
  * last bit for some inputs), so without them these kernels are off (qil_vector_math returns 0) and QIL's weights
  * take the compiled kernels.
  *
- * The AVX2 forward also reproduces which elements torch computes with glibc's powf: torch's vectorized loop takes
- * two vectors (16 floats) at a time and the rest of each thread's range, fewer than 16, through std::pow, with
- * ranges split as at::parallel_for splits them (grain 32768). So its output equals torch.pow's bit for bit, tails
- * included. (The AVX-512 kernels use SLEEF on the tail lanes too: equal to torch except where glibc and SLEEF differ
- * on one of at most 31 tail elements.)
+ * Both forwards also reproduce which elements torch computes with glibc's powf: torch's vectorized loop takes two
+ * vectors at a time (16 floats on AVX2, 32 on AVX-512) and the rest of each thread's range through std::pow, with
+ * ranges split as at::parallel_for splits them (grain 32768). So their output equals torch.pow's bit for bit, tails
+ * included.
  */
+#define TORCH_GRAIN 32768 /* at::internal::GRAIN_SIZE: TensorIterator's parallel split */
+
+/* the team at::parallel_for uses: one thread below the grain, else at most one per grain */
+static inline int torch_team(int64_t n, int threads) {
+    if (threads < 2 || n < TORCH_GRAIN) return 1;
+    int64_t grains = (n + TORCH_GRAIN - 1) / TORCH_GRAIN;
+    int nt = grains < threads ? (int)grains : threads;
+    return nt > MAX_THREADS ? MAX_THREADS : nt;
+}
+
+static inline float sign1(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
+
+/* One element of the forward as torch's scalar loop computes it (std::pow is glibc's powf): the tails that torch's
+ * vectorized_loop leaves to its basic loop, fewer than two vectors per thread's range. */
+static inline float qil_gamma_forward_one(float x, float prune, float clip, float mid, float width, float gamma,
+                                          float q, float out_scale, int is_signed, int has_gamma) {
+    float m = is_signed ? fabsf(x) : x;
+    int inside = (m > prune) & (m <= clip);
+    float unit = ((inside ? m : mid) - prune) / width;
+    if (has_gamma) unit = powf(unit, gamma);
+    float transformed = m > clip ? 1.0f : (inside ? unit : 0.0f);
+    if (is_signed) transformed = transformed * sign1(x);
+    return rintf(transformed * q) / q * out_scale;
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -53,11 +77,14 @@ static inline double lane_sum16(__m512d x) {
     return sum;
 }
 
+#define TORCH_BLOCK 32 /* torch's vectorized_loop: two 16-float vectors per iteration, the rest scalar */
+
 /* The eager body of _qil_forward_kernel: T(v) = ((m - prune) / width)^gamma inside (prune, clip] of m = |v| (signed)
- * or v, 1 above, 0 below (times sign(v) when signed), then round(T q) / q * out_scale. */
+ * or v, 1 above, 0 below (times sign(v) when signed), then round(T q) / q * out_scale. Split and tails as torch's
+ * AVX-512 loop: full 32-float blocks through SLEEF, the rest of each thread's range through glibc's powf. */
 void qil_gamma_forward(const float *restrict v, float *restrict out, int64_t n, float prune, float clip, float mid,
                        float width, float gamma, float q, float out_scale, int is_signed, int has_gamma, int threads) {
-    int nt = team(n, threads);
+    int nt = torch_team(n, threads);
 #pragma omp parallel num_threads(nt)
     {
         int64_t begin, end;
@@ -65,9 +92,9 @@ void qil_gamma_forward(const float *restrict v, float *restrict out, int64_t n, 
         __m512 prune_v = _mm512_set1_ps(prune), clip_v = _mm512_set1_ps(clip), mid_v = _mm512_set1_ps(mid);
         __m512 width_v = _mm512_set1_ps(width), gamma_v = _mm512_set1_ps(gamma), q_v = _mm512_set1_ps(q);
         __m512 scale_v = _mm512_set1_ps(out_scale), one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-        for (int64_t i = begin; i < end; i += 16) {
-            __mmask16 valid = lanes(end - i);
-            __m512 x = _mm512_maskz_loadu_ps(valid, v + i);
+        int64_t i = begin, vector_end = begin + (end - begin) / TORCH_BLOCK * TORCH_BLOCK;
+        for (; i < vector_end; i += 16) {
+            __m512 x = _mm512_loadu_ps(v + i);
             __m512 m = is_signed ? abs16(x) : x;
             __mmask16 inside = _mm512_cmp_ps_mask(m, prune_v, _CMP_GT_OQ) & _mm512_cmp_ps_mask(m, clip_v, _CMP_LE_OQ);
             __m512 unit = _mm512_div_ps(_mm512_sub_ps(_mm512_mask_blend_ps(inside, mid_v, m), prune_v), width_v);
@@ -76,8 +103,10 @@ void qil_gamma_forward(const float *restrict v, float *restrict out, int64_t n, 
             transformed = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, clip_v, _CMP_GT_OQ), transformed, one);
             if (is_signed) transformed = _mm512_mul_ps(transformed, sign16(x));
             __m512 codes = _mm512_roundscale_ps(_mm512_mul_ps(transformed, q_v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            _mm512_mask_storeu_ps(out + i, valid, _mm512_mul_ps(_mm512_div_ps(codes, q_v), scale_v));
+            _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(codes, q_v), scale_v));
         }
+        for (; i < end; i++)
+            out[i] = qil_gamma_forward_one(v[i], prune, clip, mid, width, gamma, q, out_scale, is_signed, has_gamma);
     }
 }
 
@@ -141,16 +170,7 @@ int qil_vector_math(void *pow_function, void *log_function) {
     return pow8 != 0 && log8 != 0;
 }
 
-#define TORCH_GRAIN 32768 /* at::internal::GRAIN_SIZE: TensorIterator's parallel split */
-#define TORCH_BLOCK 16    /* torch's vectorized_loop: two 8-float vectors per iteration, the rest scalar */
-
-/* the team at::parallel_for uses: one thread below the grain, else at most one per grain */
-static int torch_team(int64_t n, int threads) {
-    if (threads < 2 || n < TORCH_GRAIN) return 1;
-    int64_t grains = (n + TORCH_GRAIN - 1) / TORCH_GRAIN;
-    int nt = grains < threads ? (int)grains : threads;
-    return nt > MAX_THREADS ? MAX_THREADS : nt;
-}
+#define TORCH_BLOCK 16 /* torch's vectorized_loop: two 8-float vectors per iteration, the rest scalar */
 
 /* torch.sign: 1, -1, or 0 (also for NaN) */
 static inline __m256 sign8(__m256 x) {
@@ -158,8 +178,6 @@ static inline __m256 sign8(__m256 x) {
     __m256 positive = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_set1_ps(1.0f));
     return _mm256_blendv_ps(positive, _mm256_set1_ps(-1.0f), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
 }
-
-static inline float sign1(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
 
 static inline __m256 abs8(__m256 x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
 
@@ -187,15 +205,8 @@ void qil_gamma_forward(const float *restrict v, float *restrict out, int64_t n, 
             __m256 codes = _mm256_round_ps(_mm256_mul_ps(transformed, q_v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(codes, q_v), scale_v));
         }
-        for (; i < end; i++) { /* torch's scalar remainder: std::pow is glibc's powf */
-            float m = is_signed ? fabsf(v[i]) : v[i];
-            int inside = (m > prune) & (m <= clip);
-            float unit = ((inside ? m : mid) - prune) / width;
-            if (has_gamma) unit = powf(unit, gamma);
-            float transformed = m > clip ? 1.0f : (inside ? unit : 0.0f);
-            if (is_signed) transformed = transformed * sign1(v[i]);
-            out[i] = rintf(transformed * q) / q * out_scale;
-        }
+        for (; i < end; i++) /* torch's scalar remainder */
+            out[i] = qil_gamma_forward_one(v[i], prune, clip, mid, width, gamma, q, out_scale, is_signed, has_gamma);
     }
 }
 

@@ -44,7 +44,9 @@ def test_onnx_runtime_reproduces_the_fake_quantized_model(runs, name: str, bits:
     comparison = results["comparison"]
     assert results["images"] == comparison["images"] == 360  # the whole digits test set
     assert comparison["predictions_differing"] == 0 and results["fake"] == results["onnx"] == in_memory["onnx"]
-    assert comparison["logits_allclose"], comparison  # rtol 1e-5, atol 1e-5 * max |logit|
+    # rtol 1e-5, atol 1e-5 * max |logit| on every image, except one whose fake-quantized activations sit within
+    # float32 rounding of a rounding tie (ONNX Runtime sums in another order: a code may flip there, as on AVX-512)
+    assert comparison["images_not_close_without_tie"] == 0, comparison
     assert results["fake"]["top1"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["top1"])
 
 

@@ -62,3 +62,19 @@ def test_native_qil_gamma_kernel_equals_torch_pow_bit_for_bit(threads: int) -> N
                 assert torch.equal(out, expected), f"numel {numel}, gamma {gamma}: {int((out != expected).sum())} differ"
     finally:
         torch.set_num_threads(previous)
+
+
+def test_native_build_follows_torch_cpu_capability() -> None:
+    """The kernels are built for the vector ISA torch runs (ATEN_CPU_CAPABILITY lowers both), so an AVX-512 host tests
+    the AVX2 and plain paths too, and QIL's gamma kernels are on exactly where their width matches torch's."""
+    assert native.library() is not None, native.failure()
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = native.isa_flags()
+    width = native.library().qil_vector_width()
+    if capability == "AVX512":
+        assert width == 16 and native.vector_math()
+    elif capability == "AVX2":
+        assert "-mno-avx512f" in flags or "-march=native" not in flags
+        assert width == 8 and native.vector_math()
+    else:
+        assert width == 0 and not native.vector_math()
