@@ -23,6 +23,8 @@ Conventions (recorded in ``options()``), where quantbench departs from the code:
   ``output_scale="normalized"`` is the code's raw output. Signed activations (the image input; the code has none)
   output ``l + x_q (u - l)``, at their own place.
 * init: the code's, weights ``u = 3 std, l = -3 std``; activations ``u = 3 std / sqrt(1 - 2/pi)``, ``l = min``.
+  After a ReLU that puts every zero exactly on the interval's lower end: the authors' torch (clamp gradient 1 at the
+  bound, before torch 2.14) pushed those zeros' gradient into ``l``; quantbench (strict interior) pushes none.
 * interval gradients: the code trains (l, u) with their own optimizer; quantbench trains every quantizer with one
   SGD recipe, where the raw interval gradient (a sum over the whole tensor) collapses the interval within a few
   steps, so by default it is scaled by LSQ's g = 1/sqrt(N Q_P) (``grad_scale="full"``); ``"none"`` is the code's.

@@ -5,8 +5,8 @@ The composite form (``quantizers.dsq``'s reference) is eight elementwise ops who
 one: a ResNet-20 training step took 1.9x full precision. The forward here is the hard staircase, LSQ's
 ``clamp(round(v / s)) * s`` through LSQ's own kernels (``round(soft(z)) == round(z)``: the soft staircase is monotone
 and keeps every cell's half-way point, so DSQ's forward is LSQ's, and both forms compute it as LSQ does), and the
-backward the closed forms below, on ``z = v / s`` strictly inside ``(-Q_N, Q_P)`` (torch.clamp's gradient with
-number bounds):
+backward the closed forms below, on ``z = v / s`` strictly inside ``(-Q_N, Q_P)`` (torch >= 2.14's clamp gradient
+with number bounds; the torch the canonical code ran under passed the gradient at the bounds too, a measure-zero set):
 
 * ``d out / d v = soft'(z)``, ``soft'(z) = (k_s k / 2) (1 - tanh^2(k (z - floor(z) - 1/2)))``;
 * ``d out / d s = round(soft(z)) - soft'(z) z`` inside, the clip code outside (then times LSQ's g);

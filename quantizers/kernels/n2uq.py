@@ -60,7 +60,7 @@ def _backward_kernel(grad: Tensor, x: Tensor, midpoints: Tensor, edges: Tensor, 
     left, width = edges[cell], widths[cell]  # gathers from the (few) edges: one load each
     fraction = (x - left) / width
     linear = lowest + cell.to(x.dtype) + fraction
-    inside = (linear > lowest) & (linear < lowest + cells)  # strict, as torch.clamp's gradient with number bounds
+    inside = (linear > lowest) & (linear < lowest + cells)  # strict: torch >= 2.14's clamp gradient (older torch, which the canonical code ran on, passed it at the bounds)
     per_width = torch.where(inside, grad * out_step, 0.0) / width
     grad_out_step = (grad * (code + lowest)).sum()
     if cells > MAX_CHAINED_CELLS:

@@ -46,16 +46,38 @@ def reference_activation(x: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Te
     return y, bits_y
 
 
-def reference_activation_update(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+class AssignMovingAverage:
+    """TensorFlow's ``moving_averages.assign_moving_average(variable, value, decay)`` with its default
+    ``zero_debias=True`` (``_zero_debias``): a hidden ``biased`` variable from zeros and a ``local_step``;
+    ``biased -= (biased - value) * (1 - decay)``, ``local_step += 1``, then the variable is set to
+    ``biased / (1 - decay^local_step)``. ``zero_debias=False``: ``variable -= (variable - value) * (1 - decay)``."""
+
+    def __init__(self, decay: float = MOVING_AVERAGES_FACTOR, zero_debias: bool = True) -> None:
+        self.decay, self.zero_debias = decay, zero_debias
+        self.biased: torch.Tensor | None = None
+        self.local_step = 0
+
+    def __call__(self, variable: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if not self.zero_debias:
+            return variable - (variable - value) * (1 - self.decay)
+        if self.biased is None:
+            self.biased = torch.zeros_like(value)
+        self.biased = self.biased - (self.biased - value) * (1 - self.decay)
+        self.local_step += 1
+        return self.biased / (1 - self.decay**self.local_step)
+
+
+def reference_activation_update(x: torch.Tensor, basis: torch.Tensor, average: AssignMovingAverage) -> torch.Tensor:
     """new_basis = (B^T B)^-1 B^T x, then assign_moving_average(basis, new, 0.9)."""
     _, bits = reference_activation(x, basis)
     btb = bits.T @ bits
     btx = bits.T @ x.reshape(-1)
     new = torch.linalg.inv(btb) @ btx
-    return MOVING_AVERAGES_FACTOR * basis + (1 - MOVING_AVERAGES_FACTOR) * new
+    return average(basis, new)
 
 
-def reference_weight(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_weight(w: torch.Tensor, basis: torch.Tensor,
+                     average: AssignMovingAverage) -> tuple[torch.Tensor, torch.Tensor]:
     """QuantizedWeight with channels first (the code's last axis) for basis (K, C): output and updated basis."""
     nbit, channels = basis.shape
     rows = w.reshape(channels, -1)
@@ -72,21 +94,22 @@ def reference_weight(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor
         outputs.append(y)
         btb = bits_y.T @ bits_y + EPS * torch.eye(nbit, dtype=w.dtype)  # + E on the diagonal
         btx = bits_y.T @ rows[c] + EPS * basis[:, c]  # + delta * basis
-        fitted = torch.linalg.inv(btb) @ btx
-        new_basis.append(MOVING_AVERAGES_FACTOR * basis[:, c] + (1 - MOVING_AVERAGES_FACTOR) * fitted)
-    return torch.stack(outputs).reshape(w.shape), torch.stack(new_basis, dim=1)
+        new_basis.append(torch.linalg.inv(btb) @ btx)
+    return torch.stack(outputs).reshape(w.shape), average(basis, torch.stack(new_basis, dim=1))
 
 
+@pytest.mark.parametrize("zero_debias", [True, False])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_activations_and_their_basis_update_match_the_code(bits: int) -> None:
-    quantizer = quantizers.create("lq_nets", bits=bits, signed=False, ridge=0.0).double()
+def test_activations_and_their_basis_update_match_the_code(bits: int, zero_debias: bool) -> None:
+    quantizer = quantizers.create("lq_nets", bits=bits, signed=False, ridge=0.0, zero_debias=zero_debias).double()
+    average = AssignMovingAverage(zero_debias=zero_debias)
     generator = torch.Generator().manual_seed(bits)
     x = torch.relu(torch.randn(32, 16, generator=generator, dtype=torch.float64) + 0.3)
     quantizer.initialize(x)
     basis = quantizer.basis[0].clone()
     assert torch.allclose(basis, torch.tensor([0.6745 * 2 / (2**bits - 1) * 2**i for i in range(bits)],
                                               dtype=torch.float64) * (2 * (x * x).mean()).sqrt())
-    for step in range(4):
+    for step in range(5):  # one update, then five: the zero-debiased average against the plain one
         leaf = x.clone().requires_grad_(True)
         output = quantizer(leaf)
         expected, _ = reference_activation(x, basis)
@@ -94,23 +117,25 @@ def test_activations_and_their_basis_update_match_the_code(bits: int) -> None:
         output.sum().backward()  # the code's gradient: y = x_clip = min(x, top level)
         assert torch.equal(leaf.grad, (x <= quantizer.levels().max()).double())
         quantizer.after_step(step)
-        basis = reference_activation_update(x, basis)
+        basis = reference_activation_update(x, basis, average)
         assert torch.allclose(quantizer.basis[0], basis, rtol=1e-10, atol=1e-12)
         x = torch.relu(x + 0.1 * torch.randn(x.shape, generator=generator, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("zero_debias", [True, False])
 @pytest.mark.parametrize("bits", [2, 3])
-def test_per_channel_weights_and_their_basis_update_match_the_code(bits: int) -> None:
-    quantizer = quantizers.create("lq_nets", bits=bits, signed=True).double()
+def test_per_channel_weights_and_their_basis_update_match_the_code(bits: int, zero_debias: bool) -> None:
+    quantizer = quantizers.create("lq_nets", bits=bits, signed=True, zero_debias=zero_debias).double()
+    average = AssignMovingAverage(zero_debias=zero_debias)
     generator = torch.Generator().manual_seed(10 + bits)
     w = 0.1 * torch.randn(6, 3, 3, 3, generator=generator, dtype=torch.float64)
     quantizer.initialize(w)
     assert quantizer.basis.shape == (6, bits)
     basis = quantizer.basis.T.clone()  # the code's (K, C)
-    for step in range(3):
+    for step in range(5):
         leaf = w.clone().requires_grad_(True)
         output = quantizer(leaf)
-        expected, basis = reference_weight(w, basis)
+        expected, basis = reference_weight(w, basis, average)
         assert torch.allclose(output.detach(), expected, rtol=0, atol=1e-12)
         output.sum().backward()
         assert torch.equal(leaf.grad, torch.ones_like(w))  # y = x: straight through, unclipped
@@ -185,3 +210,15 @@ def test_the_training_loop_hook_runs_the_update_each_step() -> None:
         hooks.after_step(step)
         bases.append(model[0].basis.clone())
     assert not torch.equal(bases[0], bases[1]) and not torch.equal(bases[1], bases[2])
+
+
+def test_issue_repro_the_first_update_sets_the_basis_to_the_fit() -> None:
+    """With the code's zero-debiased average the initial basis stops counting after one update."""
+    w = torch.randn(4, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    q = quantizers.create("lq_nets", bits=2, signed=True).double()
+    q.initialize(w)
+    q(w.clone().requires_grad_()).sum().backward()
+    fit = q.fitted_basis(*q._stats, momentum=0.0)
+    q.after_step(1)
+    assert torch.allclose(q.basis, fit, rtol=1e-12, atol=0)
+    assert q.metadata()["zero_debias"] is True

@@ -117,38 +117,46 @@ def tqt_reference_gradients(v, log2_threshold, qn, qp, divisor, upstream):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("signed", [False, True])
-def test_tqt_matches_mqbench_away_from_ties_and_clip_edges(bits: int, signed: bool) -> None:
+def test_tqt_matches_mqbench_including_the_half_step_bands(bits: int, signed: bool) -> None:
+    """The default boundary is the canonical one: values that round into range are inside, so v/s in
+    (Q_P, Q_P + 1/2) and (-Q_N - 1/2, -Q_N) get MQBench's input and threshold gradients (the band the old strict
+    interior got wrong). Only negative ties differ (MQBench rounds them up, quantbench to even)."""
     quantizer = quantizers.create("tqt", bits=bits, signed=signed, grad_scale="none").double()
     quantizer.set_step(0.3)  # the step becomes 2^ceil(log2(0.3 * divisor)) / divisor
     step = quantizer.current_step()
     assert math.log2(step) == round(math.log2(step))  # a power of two
-    z = _codes(quantizer.qn, quantizer.qp, bits)
+    z = torch.cat([_codes(quantizer.qn, quantizer.qp, bits),  # plus the bands just past each clip point
+                   torch.tensor([quantizer.qp + 0.2, quantizer.qp + 0.45, -quantizer.qn - 0.2, -quantizer.qn - 0.45],
+                                dtype=torch.float64)])
     v = z * step
     upstream = torch.randn(v.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    leaf = v.clone().requires_grad_(True)
-    output = quantizer(leaf)
-    (output * upstream).sum().backward()
-    ref_out, ref_grad_v, ref_grad_log2 = tqt_reference_gradients(
-        v, quantizer.log2_threshold.item(), quantizer.qn, quantizer.qp, quantizer.divisor, upstream)
-
-    # Intended differences (measure zero or half a step wide, documented in quantizers/tqt.py):
-    # * negative ties: MQBench rounds them up, quantbench to even;
-    # * "inside": MQBench tests the rounded v/s (so v/s in (Q_P, Q_P + 1/2] is inside), quantbench the unrounded one
-    #   with LSQ's strict interior.
     negative_tie = (z < 0) & (z - torch.floor(z) == 0.5)
-    rounds_inside = (z <= -quantizer.qn) & (z >= -quantizer.qn - 0.5) | (z >= quantizer.qp) & (z <= quantizer.qp + 0.5)
-    same = ~negative_tie & ~rounds_inside
-    assert torch.equal(output.detach()[same], ref_out[same])
-    assert torch.equal(leaf.grad[same], ref_grad_v[same])
-    assert torch.equal(leaf.grad[rounds_inside], torch.zeros(int(rounds_inside.sum()), dtype=torch.float64))
-    # the threshold gradient over the elements both call alike
-    mask_only = quantizers.create("tqt", bits=bits, signed=signed, grad_scale="none").double()
-    mask_only.set_step(0.3)
-    leaf_same = v[same].clone().requires_grad_(True)
-    (mask_only(leaf_same) * upstream[same]).sum().backward()
-    _, _, expected = tqt_reference_gradients(v[same], mask_only.log2_threshold.item(), mask_only.qn, mask_only.qp,
-                                             mask_only.divisor, upstream[same])
-    assert mask_only.log2_threshold.grad.item() == pytest.approx(float(expected), rel=1e-9, abs=1e-12)
+    same = ~negative_tie
+    leaf = v[same].clone().requires_grad_(True)
+    output = quantizer(leaf)
+    (output * upstream[same]).sum().backward()
+    ref_out, ref_grad_v, ref_grad_log2 = tqt_reference_gradients(
+        v[same], quantizer.log2_threshold.item(), quantizer.qn, quantizer.qp, quantizer.divisor, upstream[same])
+    assert torch.equal(output.detach(), ref_out)
+    assert torch.equal(leaf.grad, ref_grad_v)
+    assert quantizer.log2_threshold.grad.item() == pytest.approx(float(ref_grad_log2), rel=1e-9, abs=1e-12)
+
+
+def test_tqt_band_repro_gives_the_papers_values() -> None:
+    """Issue 26's repro: v/s = 1.2 with Q_P = 1 rounds to 1, inside: input gradient 1, threshold gradient
+    s ln2 (1 - 1.2) = 0.5 ln2 (-0.2) = -0.0693 (the strict interior gave 0.0 and 0.3466)."""
+    q = quantizers.create("tqt", bits=2, signed=True, grad_scale="none").double()
+    q.set_step(0.5)
+    v = torch.tensor([0.6], dtype=torch.float64, requires_grad=True)
+    q(v).backward()
+    assert v.grad.item() == 1.0
+    assert q.log2_threshold.grad.item() == pytest.approx(0.5 * math.log(2) * (1 - 1.2), rel=1e-12)
+    strict = quantizers.create("tqt", bits=2, signed=True, grad_scale="none", boundary="strict").double()
+    strict.set_step(0.5)
+    w = torch.tensor([0.6], dtype=torch.float64, requires_grad=True)
+    strict(w).backward()
+    assert w.grad.item() == 0.0 and strict.log2_threshold.grad.item() == pytest.approx(0.5 * math.log(2))
+    assert q.metadata()["boundary"] == "rounded" and strict.metadata()["boundary"] == "strict"  # recorded in runs
 
 
 # ---- DSQ (ModelTC/MQBench mqbench/fake_quantize/dsq.py, dsq_function_per_tensor) -------------------------------------
