@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from quantbench.comparison.report import load, row_label
+from quantbench.comparison.statistics import load, row_label
 from quantbench.errors import QuantbenchError
 
 MAX_SEEDS = 10_000  # the search gives up here: an sd that large against the target means "not with seeds"

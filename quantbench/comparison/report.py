@@ -24,27 +24,10 @@ import seaborn as sns  # noqa: E402
 from quantbench.errors import QuantbenchError  # noqa: E402
 from quantbench.utils.io import write_csv, write_text  # noqa: E402
 from quantbench.config import paper_lr, paper_weight_decay  # noqa: E402
-from quantbench.comparison.published import published_markdown  # noqa: E402
+from quantbench.comparison.published import PUBLISHED_TOP1, SOURCE, published_markdown  # noqa: E402
+from quantbench.comparison.statistics import load, paired_differences, ranking_agreement, row_label  # noqa: E402,F401
 
 PAPER_MODELS = ("preact_resnet18", "preact_resnet34", "preact_resnet50", "vgg16_bn")
-
-
-def load(directory: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    out = Path(directory)
-    if not (out / "results.csv").is_file() or not (out / "compare.json").is_file():
-        raise QuantbenchError(f"{out} holds no comparison (no results.csv / compare.json); run quantbench compare first")
-    try:
-        results = pd.read_csv(out / "results.csv", dtype={"variant": str})
-    except pd.errors.EmptyDataError:
-        results = pd.DataFrame()
-    if results.empty:
-        raise QuantbenchError(f"{out}/results.csv has no finished runs yet; run (or continue) quantbench compare")
-    results["variant"] = results["variant"].fillna("")
-    return results, json.loads((out / "compare.json").read_text())
-
-
-def row_label(quantizer: str, variant: str) -> str:
-    return f"{quantizer} ({variant})" if variant else quantizer
 
 
 def _mean_std(values: pd.Series) -> tuple[float, float, int]:
@@ -142,44 +125,65 @@ def reference_label(results: pd.DataFrame, reference: str = "lsq") -> str:
     return row_label(reference, runs["variant"].iloc[0])
 
 
-def paired_differences(results: pd.DataFrame, reference: str = "lsq") -> pd.DataFrame:
-    """Top-1 of each quantizer minus LSQ's, paired by seed, with a 95% t-interval over seeds."""
-    from scipy import stats
-
-    quantized = results[results["quantizer"] != "fp"]
-    baseline = quantized[quantized["quantizer"] == reference]
-    if baseline.empty:
-        return pd.DataFrame()
-    default_variant = "" if (baseline["variant"] == "").any() else baseline["variant"].iloc[0]
-    baseline = baseline[baseline["variant"] == default_variant].set_index(["bits", "seed"])["top1"]
-    rows = []
-    for (quantizer, variant, bits), group in quantized.groupby(["quantizer", "variant", "bits"], sort=False):
-        if quantizer == reference and variant == default_variant:
-            continue
-        pairs = [(row.top1 - baseline[(bits, row.seed)]) for row in group.itertuples() if (bits, row.seed) in baseline.index]
-        if not pairs:
-            continue
-        series = pd.Series(pairs)
-        mean = float(series.mean())
-        if len(pairs) > 1:
-            half = float(stats.t.ppf(0.975, len(pairs) - 1) * series.std(ddof=1) / math.sqrt(len(pairs)))
-        else:
-            half = float("nan")
-        rows.append({"label": row_label(quantizer, variant), "bits": int(bits), "difference": mean,
-                     "ci_low": mean - half, "ci_high": mean + half, "pairs": len(pairs)})
-    return pd.DataFrame(rows)
-
-
-def paired_markdown(differences: pd.DataFrame, reference: str = "lsq") -> str:
+def paired_markdown(differences: pd.DataFrame, reference: str = "lsq", seeds_needed: dict | None = None) -> str:
+    """Raw and Holm-adjusted 95% intervals, a resolved column, and for an unresolved difference the seeds ``quantbench
+    plan`` estimates would resolve it (``seeds_needed``: (label, bits) -> n)."""
     if differences.empty:
         return f"(no {reference} runs to pair with)"
-    lines = ["| method | bits | top-1 minus reference | 95% interval | seeds |", "|---|---|---|---|---|"]
+    lines = ["| method | bits | top-1 minus reference | sd | 95% interval | p | Holm 95% interval | Holm p | resolved "
+             "| seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in differences.itertuples():
-        interval = "n/a (one seed)" if math.isnan(row.ci_low) else f"[{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
-        lines.append(f"| {row.label} | {row.bits} | {row.difference:+.2f} | {interval} | {row.pairs} |")
+        if math.isnan(row.ci_low):
+            lines.append(f"| {row.label} | {row.bits} | {row.difference:+.2f} | | n/a (one seed) | | | | | {row.pairs} |")
+            continue
+        resolved = "yes" if row.resolved else "no"
+        if not row.resolved and seeds_needed and seeds_needed.get((row.label, row.bits)):
+            resolved += f" (about {seeds_needed[(row.label, row.bits)]} seeds)"
+        lines.append(f"| {row.label} | {row.bits} | {row.difference:+.2f} | {row.sd:.2f} | [{row.ci_low:+.2f}, "
+                     f"{row.ci_high:+.2f}] | {row.p:.3g} | [{row.ci_low_holm:+.2f}, {row.ci_high_holm:+.2f}] | "
+                     f"{row.p_holm:.3g} | {resolved} | {row.pairs} |")
     lines.append("")
     lines.append("Paired by seed (same full-precision baseline, data order and seed); the interval is mean ± "
-                 "t(0.975, n-1) · sd / sqrt(n). An interval containing 0 means the seeds cannot tell the two apart.")
+                 "t(0.975, n-1) · sd / sqrt(n) and p the paired t-test's. Holm: per bit width over its comparisons, "
+                 "the comparison ranked i-th by p is tested at 0.05 / (m - i + 1), its interval at that confidence; "
+                 "resolved = Holm-adjusted p < 0.05. Unresolved: the seeds a paired t-test at the Holm level would "
+                 "need to detect the observed difference with power 0.8, at the observed sd (`quantbench plan`).")
+    return "\n".join(lines)
+
+
+def seeds_to_resolve(differences: pd.DataFrame) -> dict[tuple[str, int], int]:
+    """For each unresolved difference: seeds for power 0.8 at its Holm level (Bonferroni over its bit width)."""
+    from quantbench.comparison.power import seeds_for_power
+
+    needed = {}
+    for bits, group in differences.groupby("bits"):
+        m = int(group["p"].notna().sum())
+        for row in group.itertuples():
+            if row.resolved or math.isnan(row.sd) or row.difference == 0 or m == 0:
+                continue
+            n = seeds_for_power(row.difference, row.sd, 0.8, 0.05 / m)
+            if n is not None:
+                needed[(row.label, int(bits))] = n
+    return needed
+
+
+def ranking_markdown(results: pd.DataFrame) -> str:
+    """Kendall's tau between our ranking and the LSQ paper's Table 1 (ImageNet ResNet-18) per bit width."""
+    rows = [ranking_agreement(results, {m: values for m, (_, values) in PUBLISHED_TOP1.items()}, int(bits))
+            for bits in sorted(results[results["quantizer"] != "fp"]["bits"].unique())]
+    rows = [row for row in rows if row is not None]
+    if not rows:
+        return ""
+    lines = ["| bits | methods | seeds | Kendall's tau | 95% bootstrap interval | ours, best first | paper, best first |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['bits']} | {row['methods']} | {row['seeds']} | {row['tau']:+.2f} | "
+                     f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}] | {', '.join(row['ours'])} | "
+                     f"{', '.join(row['paper'])} |")
+    lines += ["", f"Paper: {SOURCE}. Tau over the Table 1 methods present at that bit width (mean top-1 over seeds); "
+              "the interval resamples seeds with replacement (the same draw for every method), 2000 times. A tau "
+              "near +1: the same order; near 0: unrelated. Different data, model and training length: agreement "
+              "says the methods' order transfers, disagreement says it does not at this scale."]
     return "\n".join(lines)
 
 
@@ -365,8 +369,9 @@ def write_report(directory: str | Path, out: str | Path | None = None, dynamics:
         "",
         f"Reference: {reference_label(results)}.",
         "",
-        paired_markdown(differences),
+        paired_markdown(differences, seeds_needed=seeds_to_resolve(differences)),
         "",
+        *(["## Does the ranking agree with the paper?", "", ranking, ""] if (ranking := ranking_markdown(results)) else []),
         "## Figures",
         "",
         *[f"![{path.stem}]({path.name})" for path in figures],

@@ -15,7 +15,8 @@ from tests.helpers import QUANTBENCH, REPO, subprocess_env
 from quantbench.comparison.compare import QUICK_PRESET, build_config, plan, run_compare, variants_for
 from quantbench.config import load_config_file
 from quantbench.errors import QuantbenchError
-from quantbench.comparison.report import paired_differences, reference_label, sweep_markdown, table1_markdown, write_report
+from quantbench.comparison.report import reference_label, sweep_markdown, table1_markdown, write_report
+from quantbench.comparison.statistics import paired_differences
 
 
 
