@@ -131,16 +131,11 @@ class Quantizer(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # A plugin written before apply_step existed overrides set_step itself: keep the contract for it anyway.
+        # one contract: set_step validates, calls apply_step and marks the quantizer initialized; an override would
+        # skip the first and the last, so it is refused where the class is written, not discovered in a run
         if "set_step" in cls.__dict__:
-            own = cls.__dict__["set_step"]
-
-            @functools.wraps(own)
-            def set_step(self: Quantizer, step: float) -> None:
-                own(self, check_step(step))
-                self.mark_initialized()
-
-            cls.set_step = set_step  # type: ignore[method-assign]
+            raise QuantizerError(f"quantizer class {cls.__name__} overrides set_step: override apply_step(self, step) "
+                                 "instead (set_step validates the step, calls it and marks the quantizer initialized)")
 
     def levels(self) -> Tensor:
         """The sorted values the quantizer can output in its current state."""
@@ -222,7 +217,8 @@ class Quantizer(nn.Module):
         """The options this quantizer was built with (recorded in run metadata): every ``__init__`` keyword argument
         after ``bits`` and ``signed``, read from the attribute of the same name, then ``conventions()``."""
         names = option_names(type(self))
-        return {"role": self.role, **{name: getattr(self, name) for name in names}, **self.conventions()}
+        # options win over a convention of the same name: they are what rebuilds the quantizer
+        return {**self.conventions(), "role": self.role, **{name: getattr(self, name) for name in names}}
 
     def conventions(self) -> dict[str, Any]:
         """Fixed conventions worth recording beside the options (e.g. LSQ's boundary rule); none by default."""

@@ -25,6 +25,10 @@ weights, unsigned activations, signed activations), on Hypothesis-generated tens
   its noise is frozen and the finite differences are those of one draw.
 * ``stages``: the gradient check again in each training stage the quantizer names (``conformance_stages()``: NICE's
   noise block and its not-yet-quantized block, msqe_reg's soft phase), noise frozen the same way; n/a without any.
+* ``options``: ``options()`` reads back every ``__init__`` option (stored under its own name), and
+  ``create(name, bits=, signed=, **options)`` rebuilds a quantizer with the same options (what run metadata,
+  ``repr`` and reloading a run rely on).
+* a configuration that cannot be built (``__init__`` raises) fails every check of that configuration.
 * ``step-hook``: for a quantizer with an ``after_step`` hook (LQ-Nets' basis update), five training steps of forward,
   backward and hook: outputs stay on ``levels()``, the state stays finite, and a hook with no training forward since
   the last one changes nothing; n/a without a hook.
@@ -58,6 +62,10 @@ def run_checks(
     quantizers.get(name)  # unknown names fail here, with the list of available ones
     build = _factory(name, options or {})
     report = Report(name)
+    bits = list(bits)
+    for bit_width in bits:  # bad input, not a failing quantizer: one line before any check runs
+        if isinstance(bit_width, bool) or not isinstance(bit_width, int) or not quantizers.MIN_BITS <= bit_width <= quantizers.MAX_BITS:
+            raise quantizers.QuantizerError(f"bits={bit_width} is out of range: choose {quantizers.MIN_BITS}..{quantizers.MAX_BITS}")
     for check in checks:
         if check not in CHECKS:
             raise quantizers.QuantizerError(f"unknown check '{check}'; available: {', '.join(CHECKS)}")
@@ -65,9 +73,10 @@ def run_checks(
         for signed, role in ROLE_CONFIGS:
             try:
                 build(bit_width, signed, role)
-            except TypeError as error:  # a plugin without the optional role argument
+            except Exception as error:  # noqa: BLE001 - a configuration quantize_ will ask for and cannot get
                 for check in checks:
-                    report.results.append(CheckResult(check, bit_width, signed, role, "n/a", f"cannot build: {error}"))
+                    report.results.append(CheckResult(check, bit_width, signed, role, "fail",
+                                                      f"cannot build: {type(error).__name__}: {error}"))
                 continue
             for check in checks:
                 try:

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import quantizers
+from quantizers.base import option_names
 from quantizers import Quantizer, record_surrogate, replay_surrogate
 from quantizers.ste import SurrogateTape
 
@@ -353,7 +354,28 @@ def _record_surrogate(quantizer: Quantizer, values: torch.Tensor, weights: torch
 
 
 PROPERTY_CHECKS = {"grid": _check_grid, "idempotent": _check_idempotent, "gradients": _check_gradients}
+def _check_options(build: Factory, bits: int, signed: bool, role: str) -> Callable[[], None]:
+    def body() -> None:
+        original = build(bits, signed, role)
+        cls = type(original)
+        names = option_names(cls)
+        missing = [name for name in names if not hasattr(original, name)]
+        assert not missing, (f"option(s) {', '.join(missing)} not stored under their own name: set self.{missing[0]} "
+                             "in __init__ (options() reads them back for run metadata and repr)")
+        options = original.options()
+        name = original.registry_name or cls.__name__
+        again = {key: options[key] for key in names}
+        if original.role != ("weight" if signed else "activation"):
+            again["role"] = original.role
+        rebuilt = quantizers.create(name, bits=bits, signed=signed, **again)
+        assert rebuilt.options() == options, (f"create('{name}', **options()) gives options {rebuilt.options()} "
+                                              f"instead of {options}")
+
+    return body
+
+
 ONCE_CHECKS = {
+    "options": _check_options,
     "shape-dtype": _check_shape_dtype,
     "state-dict": _check_state_dict,
     "init": _check_init,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-CHECKS = ("grid", "idempotent", "shape-dtype", "state-dict", "init", "extremes", "gradients", "stages", "step-hook")
+CHECKS = ("grid", "idempotent", "shape-dtype", "state-dict", "init", "extremes", "options", "gradients", "stages",
+          "step-hook")
 
 
 @dataclass

@@ -79,11 +79,6 @@ class IntegerSpec:
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    @classmethod
-    def coerce(cls, spec: IntegerSpec | dict[str, Any]) -> IntegerSpec:
-        """A spec, or the dict a plugin's ``integer_spec()`` may return (the form before ``IntegerSpec`` existed)."""
-        return spec if isinstance(spec, cls) else cls(**spec)
-
 
 def exact_float(value: Tensor | float) -> float:
     """A 0-d tensor as a Python float holding its exact value (float32 values are exact in float64)."""

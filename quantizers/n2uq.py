@@ -181,4 +181,4 @@ class N2UQ(Quantizer):
         if self.weights:
             return {"weights": "sf = gamma mean|w_c| per channel, levels sf (2k/n - 1), straight-through gradient 1"}
         return {"activations": "learned cell widths, forward thresholds at cell midpoints, generalized STE",
-                "init": "LSQ's step" if self.init == "lsq" else "code: [0, 2]"}
+                "init_rule": "LSQ's step" if self.init == "lsq" else "code: [0, 2]"}

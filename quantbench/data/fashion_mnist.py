@@ -35,8 +35,12 @@ def read_idx(path: Path, expected_magic: int) -> torch.Tensor:
     ``.gz`` files; reading them directly saves a decompressed copy on disk.
     """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as stream:
-        data = stream.read()
+    try:
+        with opener(path, "rb") as stream:
+            data = stream.read()
+    except (OSError, EOFError) as error:  # a truncated or not-gzip file: name it, not gzip's traceback
+        raise QuantbenchError(f"{path}: cannot be read ({type(error).__name__}: {error}); replace the file "
+                              "(e.g. reinstall dataset-fashion-mnist or download it again)") from None
     magic = int.from_bytes(data[0:4], "big")
     if magic != expected_magic:
         kind = "image" if expected_magic == IDX_IMAGES_MAGIC else "label"
@@ -104,15 +108,14 @@ def build_fashion_mnist(
 ) -> DatasetBundle:
     """Zalando's Fashion-MNIST (28x28 grey, 10 classes, 60k/10k) from data_dir, the Debian package or a download.
 
-    Lookup order: ``data_dir`` (files directly in it or torchvision's ``FashionMNIST/raw`` layout), the Debian
-    package folder, the download cache; only then, with ``download=True``, torchvision's downloader (into
+    Lookup: ``data_dir`` alone when given (files directly in it or torchvision's ``FashionMNIST/raw`` layout;
+    missing or corrupt files there are an error naming them), else the Debian package folder, then the download
+    cache; only then, with ``download=True``, torchvision's downloader (into
     ``data_dir`` or the cache). Training augmentation is a random horizontal flip only: it is cheap, label
     preserving for clothing, and costs nothing measurable in two-epoch CPU runs (heavier augmentation slows them).
     """
-    places = [data_dir] if data_dir is not None else []
-    places += [DEBIAN_FASHION_MNIST_DIR]
-    if data_dir is None:
-        places.append(DEFAULT_DATA_ROOT)
+    # an explicit data_dir is the only place looked in: a typo must not silently train on another copy
+    places = [data_dir] if data_dir is not None else [DEBIAN_FASHION_MNIST_DIR, DEFAULT_DATA_ROOT]
 
     raw_dir = next((found for found in map(_fashion_mnist_dir, places) if found is not None), None)
     download_error = ""
@@ -123,6 +126,14 @@ def build_fashion_mnist(
             raw_dir = _fashion_mnist_dir(target)
         except (RuntimeError, URLError, OSError) as error:
             download_error = f"; download into {target} failed ({_one_line(error)})"
+    if raw_dir is None and data_dir is not None:
+        missing = [f"{stem}(.gz)" for stem in FASHION_MNIST_FILES.values() if _find_idx_file(Path(data_dir), stem) is None]
+        state = "does not exist" if not Path(data_dir).is_dir() else f"lacks {', '.join(missing)}"
+        raise DatasetNotFoundError(
+            f"fashion-mnist: --data-dir {data_dir} {state}{download_error}; point --data-dir at the folder with the "
+            "four *-ubyte(.gz) files, or leave it out to use the Debian package dataset-fashion-mnist (or add --download "
+            "when online)"
+        )
     if raw_dir is None:
         looked = " or ".join(str(place) for place in places)
         raise DatasetNotFoundError(

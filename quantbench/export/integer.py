@@ -79,9 +79,14 @@ DEFAULT_EXPORT = Path("export") / "model.int.pt"
 def integer_spec_of(quantizer: quantizers.Quantizer) -> IntegerSpec:
     """The quantizer's own ``integer_spec()``; why it cannot run on integers as a :class:`QuantbenchError`."""
     try:
-        return IntegerSpec.coerce(quantizer.integer_spec())
+        spec = quantizer.integer_spec()
     except quantizers.QuantizerError as error:
         raise QuantbenchError(str(error)) from None
+    if not isinstance(spec, IntegerSpec):
+        name = quantizer.registry_name or type(quantizer).__name__
+        raise QuantbenchError(f"quantizer '{name}': integer_spec() returned {type(spec).__name__}; return a "
+                              "quantizers.IntegerSpec(step, lo, hi, ...)")
+    return spec
 
 
 def requantize(x: Tensor, spec: IntegerSpec | dict[str, Any]) -> Tensor:

@@ -22,7 +22,7 @@ class _NoMark(Quantizer):
         super().__init__(bits, signed, role)
         self.register_buffer("step", torch.tensor(1.0))
 
-    def set_step(self, step: float) -> None:
+    def apply_step(self, step: float) -> None:
         self.step.fill_(step)
 
     def quantize(self, v):

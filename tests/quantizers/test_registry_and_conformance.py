@@ -4,6 +4,8 @@ conformance kit's ability to catch broken quantizers."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -149,7 +151,7 @@ class _LSQLike(Quantizer):
         super().__init__(bits, signed, **kwargs)
         self.step_size = torch.nn.Parameter(torch.tensor(1.0))
 
-    def set_step(self, step: float) -> None:
+    def apply_step(self, step: float) -> None:
         self.step_size.data.fill_(step)
         self.mark_initialized()
 
@@ -225,7 +227,7 @@ def test_check_cli_exits_nonzero_on_failure(tmp_path: Path) -> None:
                 def __init__(self, bits, signed, **kw):
                     super().__init__(bits, signed, **kw)
                     self.step_size = torch.nn.Parameter(torch.tensor(1.0))
-                def set_step(self, step):
+                def apply_step(self, step):
                     self.step_size.data.fill_(step); self.mark_initialized()
                 def levels(self):
                     return torch.arange(-self.qn, self.qp + 1) * self.step_size.detach()
@@ -237,3 +239,55 @@ def test_check_cli_exits_nonzero_on_failure(tmp_path: Path) -> None:
     result = run_cli("check", "bad", "--plugin", "bad_quantizer.py", "--bits", "2", "--examples", "5", cwd=tmp_path)
     assert result.returncode == 1
     assert "FAIL" in result.stdout
+
+
+BAD_PLUGINS = {
+    "unbuildable": '''
+import torch
+import quantizers
+from quantizers import Quantizer
+
+@quantizers.register("kit_unbuildable")
+class Unbuildable(Quantizer):
+    def __init__(self, bits, signed, **kwargs):
+        raise TypeError("this plugin cannot be built")
+    def quantize(self, v):
+        return v
+''',
+    "lost_option": '''
+import torch
+import quantizers
+from quantizers import Quantizer, round_ste
+
+@quantizers.register("kit_lost_option")
+class LostOption(Quantizer):
+    def __init__(self, bits, signed, sharpness: float = 2.0, **kwargs):
+        super().__init__(bits, signed, **kwargs)
+        self._sharp = sharpness  # not stored as self.sharpness: options() cannot read it back
+        self.register_buffer("step", torch.tensor(1.0))
+    def apply_step(self, step):
+        self.step.fill_(step)
+    def levels(self):
+        return torch.arange(-self.qn, self.qp + 1) * self.step
+    def quantize(self, v):
+        return torch.clamp(round_ste(v / self.step), -self.qn, self.qp) * self.step
+''',
+}
+
+
+@pytest.mark.parametrize("kind,name,expected", [("unbuildable", "kit_unbuildable", "cannot build"),
+                                                ("lost_option", "kit_lost_option", "not stored under their own name")])
+def test_check_exits_non_zero_for_an_unbuildable_plugin_and_lost_options(tmp_path, kind, name, expected) -> None:
+    plugin = tmp_path / f"plugin_{kind}.py"
+    plugin.write_text(BAD_PLUGINS[kind])
+    result = subprocess.run([sys.executable, "-m", "quantbench", "check", name, "--plugin", str(plugin),
+                             "--examples", "2", "--bits", "2"], capture_output=True, text=True)
+    assert result.returncode != 0, result.stdout
+    assert "FAIL" in result.stdout and expected in " ".join(result.stdout.split()), result.stdout
+
+
+def test_overriding_set_step_is_refused_where_the_class_is_written() -> None:
+    with pytest.raises(quantizers.QuantizerError, match="override apply_step"):
+        class Legacy(quantizers.Quantizer):  # noqa: F841
+            def set_step(self, step):
+                pass

@@ -40,7 +40,7 @@ class PluginLSQ(quantizers.Quantizer):
         step = self.step_size
         return quantizers.round_ste(torch.clamp(v / step, -self.qn, self.qp)) * step
 
-    def set_step(self, step):
+    def apply_step(self, step):
         with torch.no_grad():
             self.step_size.fill_(step)
         self.mark_initialized()

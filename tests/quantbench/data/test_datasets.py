@@ -176,6 +176,30 @@ def test_fashion_mnist_missing_everywhere_raises_one_line(tmp_path: Path, monkey
     assert_one_line(caught.value, "fashion-mnist", str(tmp_path / "empty"), "dataset-fashion-mnist", "--download")
 
 
+def test_an_explicit_data_dir_is_the_only_place_looked_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo in --data-dir, or a folder lacking a file, is an error naming the folder (and the missing files), even
+    where another copy (the Debian package here) exists."""
+    debian = tmp_path / "debian"
+    write_fashion_mnist(debian)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", debian)
+    assert create_dataset("fashion-mnist").source.startswith(str(debian))  # no --data-dir: the Debian copy
+    with pytest.raises(DatasetNotFoundError) as caught:
+        create_dataset("fashion-mnist", data_dir=tmp_path / "nonexistent")
+    assert_one_line(caught.value, str(tmp_path / "nonexistent"), "does not exist")
+    partial = tmp_path / "partial"
+    write_fashion_mnist(partial)
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError) as caught:
+        create_dataset("fashion-mnist", data_dir=partial)
+    assert_one_line(caught.value, str(partial), "lacks t10k-labels-idx1-ubyte(.gz)")
+    corrupt = tmp_path / "corrupt"
+    write_fashion_mnist(corrupt)
+    (corrupt / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08 truncated")
+    with pytest.raises(QuantbenchError) as caught:
+        create_dataset("fashion-mnist", data_dir=corrupt)
+    assert_one_line(caught.value, str(corrupt / "train-images-idx3-ubyte.gz"), "cannot be read")
+
+
 def test_fashion_mnist_rejects_a_file_with_the_wrong_magic_number(tmp_path: Path) -> None:
     write_fashion_mnist(tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros((12, 28, 28)))  # images where labels belong

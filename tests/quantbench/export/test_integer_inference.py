@@ -171,7 +171,7 @@ class _NoIntegerSpec(quantizers.Quantizer):
     def quantize(self, v):
         return torch.clamp(torch.round(v / self.step), -self.qn, self.qp) * self.step
 
-    def set_step(self, step: float) -> None:
+    def apply_step(self, step: float) -> None:
         self.step.fill_(step)
         self.mark_initialized()
 

@@ -162,7 +162,7 @@ class _Logarithmic(quantizers.Quantizer):
         exponent = torch.clamp(torch.round(torch.log2(v.abs().clamp_min(1e-12) / self.step)), 0, self.qp)
         return torch.sign(v) * self.step * 2**exponent
 
-    def set_step(self, step: float) -> None:
+    def apply_step(self, step: float) -> None:
         self.step.fill_(step)
         self.mark_initialized()
 

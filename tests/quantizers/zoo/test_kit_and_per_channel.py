@@ -115,8 +115,8 @@ def test_a_per_tensor_spec_is_unchanged_and_activations_keep_one_step() -> None:
 
 
 def test_integer_spec_step_forms() -> None:
-    # a plugin may give a list, a tuple or a tensor of steps, or the dict form; one step stays a float
-    assert quantizers.IntegerSpec.coerce({"step": (0.5, 0.25), "lo": -2, "hi": 1}).step == [0.5, 0.25]
+    # a plugin may give a list, a tuple or a tensor of steps; one step stays a float
+    assert quantizers.IntegerSpec((0.5, 0.25), -2, 1).step == [0.5, 0.25]
     assert quantizers.IntegerSpec(torch.tensor([0.5, 0.25]), -2, 1).step == [0.5, 0.25]
     assert quantizers.IntegerSpec(torch.tensor(0.5), -2, 1, width=0.5).step == 0.5
     with pytest.raises(quantizers.QuantizerError) as error:
