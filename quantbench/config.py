@@ -112,6 +112,7 @@ class TrainConfig:
     tensorboard: bool = _doc(False, "also write loss, accuracy, LR and dynamics to TensorBoard event files in the run directory")
 
     def __post_init__(self) -> None:
+        check_types(self)
         if (self.quantizer is None) != (self.bits is None):
             raise QuantbenchError("give --quantizer and --bits together (or neither, for full precision)")
         if self.quantizer is not None:
@@ -141,6 +142,9 @@ class TrainConfig:
         if self.freeze_bn_epoch is not None and (isinstance(self.freeze_bn_epoch, bool)
                                                  or not isinstance(self.freeze_bn_epoch, int) or self.freeze_bn_epoch < 0):
             raise QuantbenchError(f"--freeze-bn-epoch must be an epoch number (0 or more), got {self.freeze_bn_epoch!r}")
+        if self.freeze_bn_epoch is not None and self.bn != "fold":
+            raise QuantbenchError("--freeze-bn-epoch only applies with --bn fold (BatchNorm folded into the conv); add "
+                                  "--bn fold or drop --freeze-bn-epoch")
         if self.sync_bn and self.bn == "fold":
             raise QuantbenchError("--sync-bn does not synchronize folded BatchNorms yet; use --bn float with --sync-bn")
         check_dynamics(self)
@@ -176,6 +180,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: the types a TrainConfig field accepts, from its annotation (TOML and JSON values arrive untyped)
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict[str, Any]": (dict,),
+          "bool | str": (bool, str)}
+
+
+def check_types(config: TrainConfig) -> None:
+    """Every field's value against its annotation (``X | None`` allows None), or a one-line error naming the field,
+    the value and the type wanted: once, where every config (CLI, TOML, JSON) is built."""
+    for item in fields(config):
+        annotation = str(item.type)
+        optional = annotation.endswith(" | None")
+        wanted = _TYPES.get(annotation.removesuffix(" | None"))
+        value = getattr(config, item.name)
+        if wanted is None or (value is None and optional):
+            continue
+        integer_like = bool not in wanted and isinstance(value, bool)  # True is an int to Python, not to a config
+        if integer_like or not isinstance(value, wanted):
+            kind = annotation.removesuffix(" | None").replace("dict[str, Any]", "table").replace("bool | str", "bool or path")
+            raise QuantbenchError(f"option {item.name} must be {'a ' if kind != 'int' else 'an '}{kind}"
+                                  f"{' (or unset)' if optional else ''}, got {value!r}")
 
 
 def check_dynamics(config: TrainConfig) -> None:
@@ -219,6 +245,9 @@ def merge(*layers: dict[str, Any] | None) -> dict[str, Any]:
             if value is None:
                 continue
             if key == "set":
+                if not isinstance(value, dict):
+                    raise QuantbenchError(f"set must be a table of NAME.KEY = value(s), e.g. set = {{\"lsq.grad_scale\" = "
+                                          f"[\"full\", \"numel\"]}}; got {value!r}")
                 settings.update({name: values if isinstance(values, list) else [values] for name, values in value.items()})
             else:
                 merged[key] = value

@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from quantbench.errors import QuantbenchError  # noqa: E402
+from quantbench.errors import QuantbenchError
+from quantbench.training.dynamics import COLUMNS  # noqa: E402
 from quantbench.utils.io import atomic_path, write_text  # noqa: E402
 
 OSCILLATION = ("oscillation_frequency", "oscillating_fraction")
@@ -55,11 +56,23 @@ def load_runs(runs: list[str | Path]) -> pd.DataFrame:
             raise QuantbenchError(f"{directory} has no dynamics.csv: give a quantized quantbench train run directory "
                                   "(recorded with --dynamics-every > 0)")
         try:
-            frame = pd.read_csv(path)
+            frame = pd.read_csv(path, dtype={"value": float})
         except pd.errors.EmptyDataError:
             frame = pd.DataFrame()
+        except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:  # garbage, not a CSV we wrote
+            raise QuantbenchError(f"{path} is not a dynamics.csv quantbench wrote ({type(error).__name__}); "
+                                  "train the run again to record it") from None
         if frame.empty:
             raise QuantbenchError(f"{path} holds no rows yet: let the run finish an epoch")
+        key_columns = [c for c in COLUMNS if c != "value"]  # a value may be NaN (a diverged run); the keys may not
+        with path.open("rb") as stream:
+            stream.seek(-1, 2)
+            torn_end = stream.read(1) != b"\n"  # every row ends in a newline; a cut write does not
+        if list(frame.columns) != list(COLUMNS) or frame[key_columns].isna().any(axis=None) or torn_end:
+            # a row torn by a crash mid-write, or another file: summarizing part of it would mislead
+            torn = (int(frame[key_columns].isna().any(axis=1).sum()) or 1) if list(frame.columns) == list(COLUMNS) else len(frame)
+            raise QuantbenchError(f"{path} has {torn} incomplete row(s) (a write cut short?) or unexpected columns; "
+                                  "train the run again, or delete the incomplete last line to use the rest")
         label = run_label(directory)
         if label in seen:
             label = f"{label} ({directory.name})"
@@ -135,6 +148,8 @@ def write_dynamics(runs: list[str | Path], out: str | Path, command: str | None 
     """The figures and ``summary.md`` of the module docstring for ``runs``, into ``out``; returns the paths."""
     frame = load_runs(runs)
     directory = Path(out)
+    if directory.exists() and not directory.is_dir():
+        raise QuantbenchError(f"--out {out} is a file: give a directory for the figures and summary.md")
     directory.mkdir(parents=True, exist_ok=True)
     count = frame["run"].nunique()
     sns.set_theme(style="whitegrid", context="paper")

@@ -26,7 +26,8 @@ def status_command(
 
     manifest = read_manifest(directory)
     if not manifest.get("cells"):
-        raise QuantbenchError(f"{directory} has no {MANIFEST}; run quantbench compare --out {directory} first")
+        raise QuantbenchError(f"{directory} has no readable {MANIFEST} (missing, torn or not a grid manifest); run "
+                              f"quantbench compare --out {directory} to write it")
     held = _held_slurm_jobs(manifest)
     states = [(cell, state, detail) for cell, state, detail in grid_states(directory, held)
               if not cell.get("intermediate") or state != "done"]

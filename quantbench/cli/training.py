@@ -60,6 +60,7 @@ def compare_command(
     from quantbench.comparison.grid import failed_cells, slurm_settings
     from quantbench.comparison.submit import parse_options
     from quantbench.config import load_config_file
+    from quantbench.errors import QuantbenchError
     from quantbench.comparison.published import published_markdown
     from quantbench.comparison.report import table1_markdown, write_report
 
@@ -77,6 +78,8 @@ def compare_command(
         else QUICK_PRESET_WORKERS,  # the quick preset alone: parallel workers (measured faster, README)
     }
     for key, values in numbers.items():
+        if values == []:
+            raise QuantbenchError(f"--{key.replace('_', '-')} needs at least one value (comma-separated to sweep)")
         flags[key] = None if values is None else values if len(values) > 1 else values[0]
     flags["first_last_bits"] = first_last_bits  # "fp" (full precision) is resolved by build_config
     file_values = load_config_file(config_file) if config_file else None

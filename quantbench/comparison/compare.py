@@ -33,7 +33,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.comparison.grid import write_manifest
 from quantbench.comparison.launch import train_distributed
 from quantbench.training.run import train
-from quantbench.utils.io import write_csv, write_json
+from quantbench.utils.io import write_csv, write_json, read_json
 
 #: train-level options that may be given as lists (one run per value)
 TRAIN_SWEEPS = ("lr", "weight_decay", "schedule", "bn", "oscillation_dampen", "oscillation_freeze")
@@ -118,9 +118,9 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     config = CompareConfig(
         recipe=TrainConfig(**recipe_values),
         quantizers=_quantizer_names(merged["quantizers"]),
-        bits=[int(b) for b in _as_list(merged["bits"])],
-        seeds=[int(s) for s in _as_list(merged["seeds"])],
-        fp_epochs=int(merged["fp_epochs"]),
+        bits=_integers(merged["bits"], "bits"),
+        seeds=_integers(merged["seeds"], "seeds"),
+        fp_epochs=_integers(merged["fp_epochs"], "fp_epochs")[0],
         sweep=sweep,
         qil_progressive=bool(merged.get("qil_progressive", False)),
         out=str(merged.get("out", "runs/compare")),
@@ -133,6 +133,19 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     )
     validate(config)
     return config
+
+
+def _integers(value: Any, key: str) -> list[int]:
+    """A list of whole numbers (a TOML list, one number, or the CLI's "2,3"), or the one-line error; 2.5 and "two"
+    are refused, not truncated."""
+    numbers = []
+    for item in _as_list(value):
+        if isinstance(item, str) and item.strip().lstrip("-").isdigit():
+            item = int(item)
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise QuantbenchError(f"{key} must be whole numbers, e.g. {key} = [2, 3]; got {item!r}")
+        numbers.append(item)
+    return numbers
 
 
 def _quantizer_names(value: Any) -> list[str]:
@@ -154,6 +167,18 @@ def validate(config: CompareConfig) -> None:
         check_bits(bits)
     if not config.seeds or not config.quantizers or not config.bits:
         raise QuantbenchError("--quantizers, --bits and --seeds each need at least one value")
+    for key in ("quantizers", "bits", "seeds"):
+        values = getattr(config, key)
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise QuantbenchError(f"--{key} lists {', '.join(repeated)} more than once; each {key[:-1]} once (a repeated "
+                                  "seed would count one run twice in every interval)")
+    for key, values in config.sweep.items():
+        if not values:
+            raise QuantbenchError(f"{key} = [] sweeps nothing: give at least one value")
+    if config.fp_from and not (Path(config.fp_from) / "fp").is_dir():
+        raise QuantbenchError(f"--fp-from {config.fp_from}: no full-precision baselines there (no fp/ folder); give "
+                              "a compare directory whose baselines finished, or leave --fp-from out to train them")
     if isinstance(config.nproc_per_node, bool) or not isinstance(config.nproc_per_node, int) or config.nproc_per_node < 1:
         raise QuantbenchError(f"--nproc-per-node must be an integer of at least 1, got {config.nproc_per_node!r}")
     if isinstance(config.cell_workers, bool) or not isinstance(config.cell_workers, int) or config.cell_workers < 1:
@@ -266,7 +291,7 @@ def collect_results(config: CompareConfig, runs: list[PlannedRun] | None = None)
     for run in runs if runs is not None else plan(config):
         if run.row.get("intermediate") or not is_finished(run):
             continue
-        metrics = json.loads((run.directory / "metrics.json").read_text())
+        metrics = read_json(run.directory / "metrics.json", f"delete {run.directory} to retrain that cell")
         rows.append({"run": run.name, **run.row, **{k: metrics.get(k) for k in
                      ("top1", "top5", "test_loss", "model_size_bits", "wall_time_s", "epochs")},
                      "num_classes": metrics.get("num_classes") or _classifier_width(run.directory)})
@@ -285,13 +310,13 @@ def run_compare(config: CompareConfig, command: str | None = None, progress: boo
     runs = plan(config)
     saved = out / "compare.json"
     if saved.exists():
-        previous = json.loads(saved.read_text())
+        previous = read_json(saved, f"delete {saved} (the cells are kept) and rerun")
         current = json.loads(json.dumps(config.to_dict(), default=str))
         if _without_launch(previous.get("config") or {}) != _without_launch(current):
             console.print(f"[yellow]note[/]: {out} was started with a different configuration; finished runs whose "
                           "directories match are reused, the rest are trained")
     command = command or " ".join(["quantbench", *map(shlex.quote, sys.argv[1:])])
-    history = json.loads(saved.read_text()).get("history", []) if saved.exists() else []
+    history = previous.get("history", []) if saved.exists() else []
     history.append({"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "pending_runs": sum(not is_finished(run) for run in runs)})
     write_json(saved, {"config": config.to_dict(), "command": command, "history": history,

@@ -161,9 +161,12 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
     """The manifest, or ``{}`` for a directory without one (a grid trained before grid.json existed)."""
     path = Path(out) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return {}
+        return {}  # absent, or torn by a crash: the next compare rewrites it from the cells' own files
+    valid = isinstance(manifest, dict) and isinstance(manifest.get("cells", []), list) and all(
+        isinstance(cell, dict) and "name" in cell and "directory" in cell for cell in manifest.get("cells", []))
+    return manifest if valid else {}  # JSON, but not a manifest: treated as none, rewritten by the next compare
 
 
 def cell_state(out: str | Path, cell: dict[str, Any], manifest: dict[str, Any],

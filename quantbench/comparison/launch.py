@@ -12,7 +12,7 @@ from typing import Any
 
 from quantbench.config import TrainConfig
 from quantbench.errors import QuantbenchError
-from quantbench.utils.io import write_json
+from quantbench.utils.io import write_json, read_json
 
 
 def torchrun_command(config_file: Path, nproc_per_node: int, log_dir: Path) -> list[str]:
@@ -40,7 +40,7 @@ def train_distributed(config: TrainConfig, nproc_per_node: int) -> dict[str, Any
     if result.returncode != 0 or not (out / "metrics.json").is_file():
         raise QuantbenchError(f"{out.name}: the {nproc_per_node}-process job failed (exit {result.returncode}): "
                               f"{_last_error(launch_dir)}; logs in {launch_dir}")
-    return json.loads((out / "metrics.json").read_text())
+    return read_json(out / "metrics.json", f"delete {out} to retrain that cell")
 
 
 def _last_error(launch_dir: Path) -> str:

@@ -41,7 +41,7 @@ def table1(results: pd.DataFrame) -> pd.DataFrame:
     for (quantizer, variant, bits), group in quantized.groupby(["quantizer", "variant", "bits"], sort=False):
         mean, std, n = _mean_std(group["top1"])
         rows.append({"label": row_label(quantizer, variant), "bits": int(bits), "mean": mean, "std": std, "n": n})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["label", "bits", "mean", "std", "n"])
 
 
 def _cell(mean: float, std: float, bold: bool) -> str:

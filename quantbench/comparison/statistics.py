@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import stats
 
 from quantbench.errors import QuantbenchError
+from quantbench.utils.io import read_json
 
 ALPHA = 0.05
 
@@ -36,8 +37,11 @@ def load(directory: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         results = pd.DataFrame()
     if results.empty:
         raise QuantbenchError(f"{out}/results.csv has no finished runs yet; run (or continue) quantbench compare")
+    if "quantizer" not in results or not (results["quantizer"] != "fp").any():
+        raise QuantbenchError(f"{out}/results.csv holds no finished quantized cell (full-precision baselines only); "
+                              f"`quantbench status {out}` lists the failed cells and their errors")
     results["variant"] = results["variant"].fillna("")
-    return results, json.loads((out / "compare.json").read_text())
+    return results, read_json(out / "compare.json", f"rerun quantbench compare --out {out} to rewrite it")
 
 
 def row_label(quantizer: str, variant: str) -> str:

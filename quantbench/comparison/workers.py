@@ -33,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from quantbench.comparison import grid
 from quantbench.comparison.compare import CompareConfig, PlannedRun, is_finished
 from quantbench.errors import QuantbenchError
+from quantbench.utils.io import read_json
 
 POLL_S = 0.25
 STOP_GRACE_S = 20.0  # how long Ctrl-C waits for a cell to leave its run directory cleanly before killing it
@@ -254,7 +255,8 @@ def _epochs_done(directory: Path) -> int:
 
 def _top1(run: PlannedRun) -> str:
     try:
-        return f"{json.loads((run.directory / 'metrics.json').read_text())['top1']:.2f}%"
+        metrics = read_json(run.directory / "metrics.json", f"delete {run.directory} to retrain that cell")
+        return f"{metrics['top1']:.2f}%"
     except (OSError, ValueError, KeyError):
         return "?"
 

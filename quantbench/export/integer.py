@@ -313,7 +313,11 @@ def read_export(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise QuantbenchError(f"{path}: no such export; write it with quantbench export RUN_DIR")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated or foreign file: one line naming it
+        raise QuantbenchError(f"{path} is truncated or not a quantbench integer export ({type(error).__name__}); "
+                              "write it again with quantbench export RUN_DIR") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QuantbenchError(f"{path} is not a quantbench integer export ({FORMAT})")
     return payload

@@ -346,7 +346,11 @@ def images_at_rounding_ties(model: nn.Module, loader: DataLoader, tolerance: flo
 def _recorded_train(path: Path) -> dict[str, Any]:
     """The run's train config that :func:`export_onnx_run` wrote into the file's metadata."""
     onnx, _ = require_onnx()
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and friends: a damaged or foreign file
+        raise QuantbenchError(f"ONNX cannot read {path} ({type(error).__name__}); write it again with quantbench "
+                              "export RUN_DIR --format onnx") from None
     recorded = {prop.key: prop.value for prop in proto.metadata_props}.get("quantbench_train")
     if recorded is None:
         raise QuantbenchError(f"{path} has no quantbench metadata (not written by quantbench export --format onnx); "

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from quantbench.errors import QuantbenchError
+from quantbench.utils.io import read_json
 
 
 @dataclass
@@ -34,7 +35,7 @@ def read_train_config(run_dir: str | Path) -> Any:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise QuantbenchError(f"{run_dir}: not a quantbench run directory (no config.json); give a `quantbench train --out` directory")
-    recorded = json.loads(path.read_text()).get("train", {})
+    recorded = read_json(path, "the run's config.json is damaged: train the run again").get("train", {})
     known = {f.name for f in fields(TrainConfig)}
     # Rebuilt on the CPU for analysis and integer inference, whatever device it trained on: the integer path
     # multiplies int32/int64 matrices, which CUDA does not implement (gpu-readiness item 4).
@@ -73,7 +74,11 @@ def load_run(run_dir: str | Path, data_dir: str | None = None, require_quantized
     sample_input = None if layers is not None else first_test_batch(data, config.batch_size)[0]
     rebuild = replace(config, init_from=None, distill=False, pretrained=False)
     model, _ = build_model(rebuild, data, sample_input, layer_table=layers)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated or foreign file: one line naming it
+        raise QuantbenchError(f"{weights} is truncated or not a PyTorch state_dict ({type(error).__name__}); train "
+                              f"the run again (quantbench train ... --out {directory})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

@@ -43,7 +43,7 @@ from quantbench.training import distributed, dynamics as run_dynamics, quantizer
 from quantbench.training.distributed import Context, launched_context
 from quantbench.training.environment import environment, numerics, resolve_amp
 from quantbench.training.loop import Trainer, data_loaders, evaluate, make_optimizer, seed_everything, train_one_epoch
-from quantbench.utils.io import process_alive, save_torch, write_csv, write_json
+from quantbench.utils.io import process_alive, save_torch, write_csv, write_json, read_json
 
 def load_state_dict_file(source: str) -> dict[str, torch.Tensor]:
     """A state_dict from a run directory (its model.pt) or a file."""
@@ -150,7 +150,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
         raise QuantbenchError(f"{out} already holds a finished run; pass --resume to reuse it or choose another --out")
     if resume and (out / "metrics.json").exists():
         _check_same_recipe(out, config)
-        return json.loads((out / "metrics.json").read_text())
+        return read_json(out / "metrics.json", f"delete it to retrain {out}, or restore it")
     context = launched_context()
     device = distributed.rank_device(resolve_device(config.device), context)
     owns_process_group = distributed.start(context, device)
@@ -164,7 +164,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
 
 def _check_same_recipe(out: Path, config: TrainConfig) -> None:
     """A finished run is reused only for the config that made it: never a silent result for other settings."""
-    saved = json.loads((out / "config.json").read_text())["train"] if (out / "config.json").exists() else None
+    saved = read_json(out / "config.json", f"delete {out} (or restore the file) and train again")["train"] if (out / "config.json").exists() else None
     if saved is not None and _recipe(saved) != _recipe(asdict(config)):
         changed = sorted(k for k, value in _recipe(asdict(config)).items() if _recipe(saved).get(k) != value)
         raise QuantbenchError(

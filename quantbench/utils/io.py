@@ -30,6 +30,19 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def read_json(path: str | Path, fix: str) -> Any:
+    """A JSON file quantbench wrote, or one line naming the file and ``fix`` (what to do) when it is empty or torn
+    (a crash or a full disk during an older, non-atomic write; a copy cut short)."""
+    import json
+
+    from quantbench.errors import QuantbenchError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise QuantbenchError(f"{path} is empty or not valid JSON ({error.__class__.__name__}); {fix}") from None
+
+
 def write_json(path: str | Path, payload: Any) -> Path:
     """Indented JSON (anything else as ``str``), newline-terminated."""
     return write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
