@@ -8,8 +8,11 @@ added=0
 for cell in "$dir"/fp/* "$dir"/runs/*; do
   if [ -f "$cell/metrics.json" ]; then git add "$cell"; added=$((added + 1)); fi
 done
-for file in results.csv compare.json report.md paired_differences.csv design.md; do
+for file in results.csv compare.json report.md paired_differences.csv design.md accuracy_vs_bits.png \
+            accuracy_vs_model_size.png; do
   if [ -f "$dir/$file" ]; then git add "$dir/$file"; fi
 done
-if [ -d "$dir/pilot" ]; then git add "$dir/pilot"; fi
+for folder in pilot dynamics; do
+  if [ -d "$dir/$folder" ]; then git add "$dir/$folder"; fi
+done
 git commit -q -m "${2:-$dir: $added finished cells}" && echo "committed $added finished cells of $dir"

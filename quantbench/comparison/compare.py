@@ -176,9 +176,6 @@ def validate(config: CompareConfig) -> None:
     for key, values in config.sweep.items():
         if not values:
             raise QuantbenchError(f"{key} = [] sweeps nothing: give at least one value")
-    if config.fp_from and not (Path(config.fp_from) / "fp").is_dir():
-        raise QuantbenchError(f"--fp-from {config.fp_from}: no full-precision baselines there (no fp/ folder); give "
-                              "a compare directory whose baselines finished, or leave --fp-from out to train them")
     if isinstance(config.nproc_per_node, bool) or not isinstance(config.nproc_per_node, int) or config.nproc_per_node < 1:
         raise QuantbenchError(f"--nproc-per-node must be an integer of at least 1, got {config.nproc_per_node!r}")
     if isinstance(config.cell_workers, bool) or not isinstance(config.cell_workers, int) or config.cell_workers < 1:
@@ -305,6 +302,9 @@ def run_compare(config: CompareConfig, command: str | None = None, progress: boo
     """Run (or continue) the whole grid; returns the results table (``--launcher slurm``: once submitted, the runs
     finished so far). ``plugins``: ``--plugin`` modules the cells' own processes import."""
     console = console or Console()
+    if config.fp_from and not (Path(config.fp_from) / "fp").is_dir():  # checked before anything is created
+        raise QuantbenchError(f"--fp-from {config.fp_from}: no full-precision baselines there (no fp/ folder); give "
+                              "a compare directory whose baselines finished, or leave --fp-from out to train them")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(config)
