@@ -155,7 +155,9 @@ def seeds_to_resolve(differences: pd.DataFrame) -> dict[tuple[str, int], int]:
     """For each unresolved difference: seeds for power 0.8 at its Holm level (Bonferroni over its bit width)."""
     from quantbench.comparison.power import seeds_for_power
 
-    needed = {}
+    needed: dict[tuple[str, int], int] = {}
+    if differences.empty:
+        return needed
     for bits, group in differences.groupby("bits"):
         m = int(group["p"].notna().sum())
         for row in group.itertuples():

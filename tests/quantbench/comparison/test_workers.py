@@ -100,7 +100,7 @@ def test_bad_launch_input_is_one_line(tmp_path: Path, cli_error, monkeypatch: py
     assert "--slurm-option expects KEY=VALUE" in cli_error(["compare", "--slurm-option", "qos", "--out", str(tmp_path)])
     assert "--slurm-time must be minutes" in cli_error(["compare", "--launcher", "slurm", "--slurm-time", "soon",
                                                         "--out", str(tmp_path)])
-    assert "has no grid.json" in cli_error(["status", str(tmp_path)])
+    assert "has no readable grid.json" in cli_error(["status", str(tmp_path)])
     from quantbench.comparison import submit
 
     monkeypatch.setattr(submit, "submitit", None)  # as without the extra installed

@@ -180,9 +180,9 @@ class _NoIntegerSpec(quantizers.Quantizer):
 
 
 class _WithIntegerSpec(_NoIntegerSpec):
-    def integer_spec(self) -> dict:
+    def integer_spec(self) -> quantizers.IntegerSpec:
         step = float(self.step)
-        return {"step": step, "lo": -self.qn, "hi": self.qp, "width": step}
+        return quantizers.IntegerSpec(step, -self.qn, self.qp, width=step)
 
 
 class _Logarithmic(_NoIntegerSpec):
@@ -228,11 +228,11 @@ def test_a_plugin_runs_on_integers_through_integer_spec() -> None:
 class _PerChannelWrongCount(_NoIntegerSpec):
     """A plugin whose weight spec gives per-channel steps that do not fit the weight's output channels."""
 
-    def integer_spec(self) -> dict:
+    def integer_spec(self) -> quantizers.IntegerSpec:
         step = float(self.step)
         if self.role == "weight":
-            return {"step": [step] * 3, "lo": -self.qn, "hi": self.qp}
-        return {"step": step, "lo": -self.qn, "hi": self.qp, "width": step}
+            return quantizers.IntegerSpec([step] * 3, -self.qn, self.qp)
+        return quantizers.IntegerSpec(step, -self.qn, self.qp, width=step)
 
 
 def test_per_channel_steps_that_do_not_fit_the_channels_are_a_one_line_error() -> None:
