@@ -24,8 +24,10 @@ import seaborn as sns  # noqa: E402
 from quantbench.errors import QuantbenchError  # noqa: E402
 from quantbench.utils.io import write_csv, write_text  # noqa: E402
 from quantbench.config import paper_lr, paper_weight_decay  # noqa: E402
-from quantbench.comparison.published import PUBLISHED_TOP1, SOURCE, published_markdown  # noqa: E402
-from quantbench.comparison.statistics import load, paired_differences, ranking_agreement, row_label  # noqa: E402,F401
+from quantbench.comparison.published import published_markdown  # noqa: E402
+from quantbench.comparison.findings import (paired_markdown, ranking_markdown, seeds_to_resolve,  # noqa: E402,F401
+                                            summary_markdown)
+from quantbench.comparison.statistics import load, paired_differences, row_label  # noqa: E402,F401
 
 PAPER_MODELS = ("preact_resnet18", "preact_resnet34", "preact_resnet50", "vgg16_bn")
 
@@ -123,70 +125,6 @@ def reference_label(results: pd.DataFrame, reference: str = "lsq") -> str:
     if runs.empty or (runs["variant"] == "").any():
         return reference
     return row_label(reference, runs["variant"].iloc[0])
-
-
-def paired_markdown(differences: pd.DataFrame, reference: str = "lsq", seeds_needed: dict | None = None) -> str:
-    """Raw and Holm-adjusted 95% intervals, a resolved column, and for an unresolved difference the seeds ``quantbench
-    plan`` estimates would resolve it (``seeds_needed``: (label, bits) -> n)."""
-    if differences.empty:
-        return f"(no {reference} runs to pair with)"
-    lines = ["| method | bits | top-1 minus reference | sd | 95% interval | p | Holm 95% interval | Holm p | resolved "
-             "| seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in differences.itertuples():
-        if math.isnan(row.ci_low):
-            lines.append(f"| {row.label} | {row.bits} | {row.difference:+.2f} | | n/a (one seed) | | | | | {row.pairs} |")
-            continue
-        resolved = "yes" if row.resolved else "no"
-        if not row.resolved and seeds_needed and seeds_needed.get((row.label, row.bits)):
-            resolved += f" (about {seeds_needed[(row.label, row.bits)]} seeds)"
-        lines.append(f"| {row.label} | {row.bits} | {row.difference:+.2f} | {row.sd:.2f} | [{row.ci_low:+.2f}, "
-                     f"{row.ci_high:+.2f}] | {row.p:.3g} | [{row.ci_low_holm:+.2f}, {row.ci_high_holm:+.2f}] | "
-                     f"{row.p_holm:.3g} | {resolved} | {row.pairs} |")
-    lines.append("")
-    lines.append("Paired by seed (same full-precision baseline, data order and seed); the interval is mean ± "
-                 "t(0.975, n-1) · sd / sqrt(n) and p the paired t-test's. Holm: per bit width over its comparisons, "
-                 "the comparison ranked i-th by p is tested at 0.05 / (m - i + 1), its interval at that confidence; "
-                 "resolved = Holm-adjusted p < 0.05. Unresolved: the seeds a paired t-test at the Holm level would "
-                 "need to detect the observed difference with power 0.8, at the observed sd (`quantbench plan`).")
-    return "\n".join(lines)
-
-
-def seeds_to_resolve(differences: pd.DataFrame) -> dict[tuple[str, int], int]:
-    """For each unresolved difference: seeds for power 0.8 at its Holm level (Bonferroni over its bit width)."""
-    from quantbench.comparison.power import seeds_for_power
-
-    needed: dict[tuple[str, int], int] = {}
-    if differences.empty:
-        return needed
-    for bits, group in differences.groupby("bits"):
-        m = int(group["p"].notna().sum())
-        for row in group.itertuples():
-            if row.resolved or math.isnan(row.sd) or row.difference == 0 or m == 0:
-                continue
-            n = seeds_for_power(row.difference, row.sd, 0.8, 0.05 / m)
-            if n is not None:
-                needed[(row.label, int(bits))] = n
-    return needed
-
-
-def ranking_markdown(results: pd.DataFrame) -> str:
-    """Kendall's tau between our ranking and the LSQ paper's Table 1 (ImageNet ResNet-18) per bit width."""
-    rows = [ranking_agreement(results, {m: values for m, (_, values) in PUBLISHED_TOP1.items()}, int(bits))
-            for bits in sorted(results[results["quantizer"] != "fp"]["bits"].unique())]
-    rows = [row for row in rows if row is not None]
-    if not rows:
-        return ""
-    lines = ["| bits | methods | seeds | Kendall's tau | 95% bootstrap interval | ours, best first | paper, best first |",
-             "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['bits']} | {row['methods']} | {row['seeds']} | {row['tau']:+.2f} | "
-                     f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}] | {', '.join(row['ours'])} | "
-                     f"{', '.join(row['paper'])} |")
-    lines += ["", f"Paper: {SOURCE}. Tau over the Table 1 methods present at that bit width (mean top-1 over seeds); "
-              "the interval resamples seeds with replacement (the same draw for every method), 2000 times. A tau "
-              "near +1: the same order; near 0: unrelated. Different data, model and training length: agreement "
-              "says the methods' order transfers, disagreement says it does not at this scale."]
-    return "\n".join(lines)
 
 
 def draw_figures(results: pd.DataFrame, out: Path) -> list[Path]:
@@ -351,6 +289,7 @@ def write_report(directory: str | Path, out: str | Path | None = None, dynamics:
     figures = draw_figures(results, out)
     differences = paired_differences(results)
     write_csv(out / "paired_differences.csv", differences)
+    needed, ranking = seeds_to_resolve(differences), ranking_markdown(results)
     recipe = config["recipe"]
     total_time = results["wall_time_s"].sum()
     lines = [
@@ -360,6 +299,7 @@ def write_report(directory: str | Path, out: str | Path | None = None, dynamics:
         f"{len(results)} finished runs; summed training time {total_time / 60:.1f} min.",
         *_history_lines(saved),
         "",
+        *(["## Summary", "", summary, ""] if (summary := summary_markdown(differences, needed, results)) else []),
         "## Top-1 accuracy (the paper's Table 1 layout)",
         "",
         table1_markdown(results),
@@ -371,9 +311,9 @@ def write_report(directory: str | Path, out: str | Path | None = None, dynamics:
         "",
         f"Reference: {reference_label(results)}.",
         "",
-        paired_markdown(differences, seeds_needed=seeds_to_resolve(differences)),
+        paired_markdown(differences, seeds_needed=needed),
         "",
-        *(["## Does the ranking agree with the paper?", "", ranking, ""] if (ranking := ranking_markdown(results)) else []),
+        *(["## Does the ranking agree with the paper?", "", ranking, ""] if ranking else []),
         "## Figures",
         "",
         *[f"![{path.stem}]({path.name})" for path in figures],
