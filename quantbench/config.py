@@ -187,6 +187,9 @@ _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), 
           "bool | str": (bool, str)}
 
 
+_OWN_PARSERS = {"first_last_bits"}  # a bit width or "fp": fp_or_bits checks it with its own message
+
+
 def check_types(config: TrainConfig) -> None:
     """Every field's value against its annotation (``X | None`` allows None), or a one-line error naming the field,
     the value and the type wanted: once, where every config (CLI, TOML, JSON) is built."""
@@ -195,7 +198,7 @@ def check_types(config: TrainConfig) -> None:
         optional = annotation.endswith(" | None")
         wanted = _TYPES.get(annotation.removesuffix(" | None"))
         value = getattr(config, item.name)
-        if wanted is None or (value is None and optional):
+        if wanted is None or (value is None and optional) or item.name in _OWN_PARSERS:
             continue
         integer_like = bool not in wanted and isinstance(value, bool)  # True is an int to Python, not to a config
         if integer_like or not isinstance(value, wanted):
