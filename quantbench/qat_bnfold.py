@@ -163,7 +163,32 @@ def fold_bn_(model: nn.Module, model_name: str = "the model") -> list[tuple[str,
 
 def apply_bn_mode(model: nn.Module, config: Any) -> list[tuple[str, str]]:
     """``build_model``'s hook: fold per ``config.bn`` (``float``: nothing to do; the config validated the value)."""
-    return fold_bn_(model, config.model) if config.bn == "fold" else []
+    if config.bn != "fold":
+        return []
+    pairs = fold_bn_(model, config.model)
+    _warn_without_zero_level(model)
+    return pairs
+
+
+def _warn_without_zero_level(model: nn.Module) -> None:
+    """Folding divides each channel's output by its BN scale: a weight grid without a zero level (DoReFa's, LQ-Nets'
+    {-1,+1} codes) pins small channels at the smallest level and that scale can collapse (reports/bn-fold/README.md)."""
+    import warnings
+
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None) if isinstance(module, ConvBn2d) else None
+        if quantizer is None:
+            continue
+        try:
+            has_zero = bool((quantizer.levels() == 0).any())
+        except Exception:  # noqa: BLE001 - levels unknown before the quantizer sees data: nothing to say
+            continue
+        if not has_zero:
+            warnings.warn(f"--bn fold with '{quantizer.registry_name}' weights ({name}): their grid has no zero level, "
+                          "so channels far below the tensor's largest stay pinned at the smallest level and their "
+                          "folded BN scale can collapse to NaN (reports/bn-fold/README.md); prefer a grid with zero "
+                          "(e.g. --set pact.weight_scheme=symmetric) or --bn float", RuntimeWarning, stacklevel=2)
+            return
 
 
 def set_bn_frozen(model: nn.Module, config: Any, epoch: int) -> None:

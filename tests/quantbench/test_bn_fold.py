@@ -141,3 +141,23 @@ def test_compare_sweeps_bn_like_other_recipe_settings(tmp_path: Path) -> None:
     folded = [run for run in runs.values() if run.config.bn == "fold"]
     assert len(folded) == 1 and folded[0].row["variant"] == "bn=fold"
     assert {run.config.bn for run in runs.values() if run.config.quantizer} == {"float", "fold"}
+
+
+def test_folding_warns_for_a_weight_grid_without_zero() -> None:
+    """DoReFa's grid (PACT's weights) has no zero level: folded, small channels pin and their BN scale collapses
+    (reports/bn-fold/README.md, experiments/bn_fold_probe.py); LSQ's grid has zero and folds quietly."""
+    import warnings
+
+    from quantbench.config import TrainConfig
+    from quantbench.data import create_dataset
+    from quantbench.training.run import build_model
+
+    data = create_dataset("digits")
+    sample = torch.randn(8, 1, 8, 8)
+    with pytest.warns(RuntimeWarning, match="no zero level"):
+        build_model(TrainConfig(quantizer="pact", bits=2, bn="fold"), data, sample)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        build_model(TrainConfig(quantizer="lsq", bits=2, bn="fold"), data, sample)
+        build_model(TrainConfig(quantizer="pact", bits=2, bn="fold", quantizer_options={"weight_scheme": "symmetric"}),
+                    data, sample)
