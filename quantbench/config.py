@@ -203,8 +203,9 @@ def check_types(config: TrainConfig) -> None:
         integer_like = bool not in wanted and isinstance(value, bool)  # True is an int to Python, not to a config
         if integer_like or not isinstance(value, wanted):
             kind = annotation.removesuffix(" | None").replace("dict[str, Any]", "table").replace("bool | str", "bool or path")
-            raise QuantbenchError(f"option {item.name} must be {'a ' if kind != 'int' else 'an '}{kind}"
-                                  f"{' (or unset)' if optional else ''}, got {value!r}")
+            raise QuantbenchError(f"option {item.name} (--{item.name.replace('_', '-')}) must be "
+                                  f"{'a ' if kind != 'int' else 'an '}{kind}{' (or unset)' if optional else ''}, "
+                                  f"got {value!r}")
 
 
 def check_dynamics(config: TrainConfig) -> None:
