@@ -13,12 +13,12 @@ import quantizers
 from quantbench.comparison.compare import build_config
 
 TOML_ERRORS = {
-    'lr = "fast"': "option lr must be a float",
+    'lr = "fast"': "option lr (--lr) must be a float",
     'bits = ["two"]': "bits must be whole numbers",
     "bits = [2.5]": "bits must be whole numbers",
-    "device = 3": "option device must be a str",
+    "device = 3": "option device (--device) must be a str",
     'set = "lsq.grad_scale=numel"': "set must be a table",
-    'quantizer_options = "grad_scale=numel"': "option quantizer_options must be a table",
+    'quantizer_options = "grad_scale=numel"': "option quantizer_options (--quantizer-options) must be a table",
     "lr = []": "lr = [] sweeps nothing",
     "seeds = [0, 0]": "--seeds lists 0 more than once",
 }
