@@ -141,6 +141,50 @@ def compare_logits(fake: Tensor, integer: Tensor) -> dict[str, Any]:
     }
 
 
+#: relative distance from a rounding boundary within which two correct float32 evaluations may round differently
+TIE_TOLERANCE = 1e-5
+
+
+def images_at_rounding_ties(model: nn.Module, loader: DataLoader, tolerance: float = TIE_TOLERANCE) -> Tensor:
+    """Per image, whether some quantized layer's input lies within ``tolerance`` (relative) of a rounding boundary
+    (v/s = k + 1/2) in the fake-quantized model. Two float32 implementations that sum a convolution or a BatchNorm
+    in another order differ by a few ulps, so at such an input one may round up and the other down: a code flip that
+    no exporter can prevent. LSQ's step gradient changes sign at a boundary, so training can park a constant
+    activation exactly on one (seen: an fc input at exactly 19.5 steps in three digits images)."""
+    specs = {name: layer.input_quantizer.integer_spec() for name, layer in quantized_layers(model)
+             if layer.input_quantizer is not None and layer.input_quantizer.integer_spec() is not None}
+    flags: list[Tensor] = []
+    current: list[Tensor] = []
+
+    def record(spec: Any, inputs: tuple[Tensor, ...]) -> None:
+        x = inputs[0].double()
+        below = requantize(x * (1 - tolerance), spec) != requantize(x * (1 + tolerance), spec)
+        current.append(below.flatten(1).any(dim=1))
+
+    layers = dict(quantized_layers(model))
+    handles = [layers[name].register_forward_pre_hook(lambda m, a, spec=spec: record(spec, a)) for name, spec in specs.items()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for images, _ in loader:
+                current.clear()
+                model(images)
+                flags.append(torch.stack(current).any(dim=0) if current else torch.zeros(len(images), dtype=torch.bool))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(flags)
+
+
+def tie_diagnostics(model: nn.Module, loader: DataLoader, fake: Tensor, other: Tensor) -> dict[str, int]:
+    """How many images have an activation at a rounding tie, and how many differ beyond 1e-5 without one (the only
+    expected source of larger differences between two correct evaluations is such a tie)."""
+    scale = float(fake.abs().max())
+    not_close = ~torch.isclose(other.double(), fake.double(), rtol=1e-5, atol=1e-5 * scale).all(dim=1)
+    ties = images_at_rounding_ties(model, loader)
+    return {"images_at_rounding_tie": int(ties.sum()), "images_not_close_without_tie": int((not_close & ~ties).sum())}
+
+
 def compare_models(fake_model: nn.Module, int_model: nn.Module, loader: DataLoader) -> tuple[dict[str, Any], Tensor, Tensor, Tensor]:
     """Run the fake-quantized and the integer model side by side over ``loader``.
 
@@ -194,7 +238,8 @@ def compare_models(fake_model: nn.Module, int_model: nn.Module, loader: DataLoad
         for handle in handles:
             handle.remove()
     fake, integer = torch.cat(fake_logits), torch.cat(int_logits)
-    stats = {**compare_logits(fake, integer), "layer_max_rel_diff": layer_diff,
+    stats = {**compare_logits(fake, integer), **tie_diagnostics(fake_model, loader, fake, integer),
+             "layer_max_rel_diff": layer_diff,
              "activation_codes_differing": differing, "activation_codes": total,
              "activation_codes_differing_by_layer": by_layer}
     return stats, fake, integer, torch.cat(labels)

@@ -308,41 +308,6 @@ def onnx_logits(model: str | Path | bytes, loader: DataLoader) -> tuple[Tensor, 
     return torch.cat(outputs), torch.cat(labels)
 
 
-#: relative distance from a rounding boundary within which two correct float32 evaluations may round differently
-TIE_TOLERANCE = 1e-5
-
-
-def images_at_rounding_ties(model: nn.Module, loader: DataLoader, tolerance: float = TIE_TOLERANCE) -> Tensor:
-    """Per image, whether some quantized layer's input lies within ``tolerance`` (relative) of a rounding boundary
-    (v/s = k + 1/2) in the fake-quantized model. Two float32 implementations that sum a convolution or a BatchNorm
-    in another order differ by a few ulps, so at such an input one may round up and the other down: a code flip that
-    no exporter can prevent. LSQ's step gradient changes sign at a boundary, so training can park a constant
-    activation exactly on one (seen: an fc input at exactly 19.5 steps in three digits images)."""
-    specs = {name: layer.input_quantizer.integer_spec() for name, layer in quantized_layers(model)
-             if layer.input_quantizer is not None and layer.input_quantizer.integer_spec() is not None}
-    flags: list[Tensor] = []
-    current: list[Tensor] = []
-
-    def record(spec: Any, inputs: tuple[Tensor, ...]) -> None:
-        x = inputs[0].double()
-        below = requantize(x * (1 - tolerance), spec) != requantize(x * (1 + tolerance), spec)
-        current.append(below.flatten(1).any(dim=1))
-
-    layers = dict(quantized_layers(model))
-    handles = [layers[name].register_forward_pre_hook(lambda m, a, spec=spec: record(spec, a)) for name, spec in specs.items()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            for images, _ in loader:
-                current.clear()
-                model(images)
-                flags.append(torch.stack(current).any(dim=0) if current else torch.zeros(len(images), dtype=torch.bool))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return torch.cat(flags)
-
-
 def _recorded_train(path: Path) -> dict[str, Any]:
     """The run's train config that :func:`export_onnx_run` wrote into the file's metadata."""
     onnx, _ = require_onnx()
@@ -364,7 +329,7 @@ def evaluate_onnx(run_dir: str | Path, compare: bool = False, export: str | Path
     through the fake-quantized model and how closely the two agree. ``run_dir`` may be an ``.onnx`` file (onnx path
     only); a run without ``export/model.onnx`` is exported in memory."""
     from quantbench.data import create_dataset
-    from quantbench.export.integer_model import compare_logits, logits_of
+    from quantbench.export.integer_model import compare_logits, logits_of, tie_diagnostics
     from quantbench.training.rebuild import first_test_batch, load_run
     from quantbench.utils.modules import accuracy
 
@@ -396,14 +361,7 @@ def evaluate_onnx(run_dir: str | Path, compare: bool = False, export: str | Path
     if compare:
         fake, _ = logits_of(run.model, loader)
         results["fake"] = accuracy(fake, labels)
-        comparison = compare_logits(fake, logits)
-        scale = comparison["max_abs_logit"]
-        not_close = ~torch.isclose(logits.double(), fake.double(), rtol=1e-5, atol=1e-5 * scale).all(dim=1)
-        ties = images_at_rounding_ties(run.model, loader)
-        # the only expected source of larger differences: an activation at a rounding tie (see images_at_rounding_ties)
-        comparison["images_at_rounding_tie"] = int(ties.sum())
-        comparison["images_not_close_without_tie"] = int((not_close & ~ties).sum())
-        results["comparison"] = comparison
+        results["comparison"] = {**compare_logits(fake, logits), **tie_diagnostics(run.model, loader, fake, logits)}
     results["images"] = int(labels.numel())
     results["seconds"] = time.perf_counter() - started
     return results

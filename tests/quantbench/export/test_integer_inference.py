@@ -34,7 +34,9 @@ def test_integer_path_reproduces_the_fake_quantized_model(runs, name: str, bits:
     comparison = results["comparison"]
     assert results["images"] == comparison["images"] == 360  # the whole digits test set
     assert comparison["predictions_differing"] == 0 and results["fake"] == results["integer"]
-    assert comparison["logits_allclose"], comparison  # rtol 1e-5, atol 1e-5 * max |logit|
+    # rtol 1e-5, atol 1e-5 * max |logit| on every image, except one whose activations sit within float32 rounding of
+    # a rounding tie, where the exact integer sum and the float32 one may round apart (seen under ATEN avx2 kernels)
+    assert comparison["images_not_close_without_tie"] == 0, comparison
     assert comparison["layer_max_rel_diff"] < 1e-5  # float32 rounding only
     # the fake path is the trained model: same accuracy as the run recorded
     assert results["fake"]["top1"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["top1"])
