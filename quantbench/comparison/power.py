@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from quantbench.comparison.statistics import load, row_label
+from quantbench.comparison.statistics import load, paired_differences
 from quantbench.errors import QuantbenchError
 
 MAX_SEEDS = 10_000  # the search gives up here: an sd that large against the target means "not with seeds"
@@ -94,25 +94,20 @@ def plan(directory: str | Path, reference: str = "lsq", half_width_target: float
     if len(seeds) < 2:
         raise QuantbenchError(f"{directory} has one seed ({seeds[0]}): no spread to estimate; run the pilot with at "
                               "least 2 seeds (3 recommended), e.g. quantbench compare ... --seeds 0,1,2")
-    baseline = ours[ours["variant"] == ours["variant"].iloc[0]].set_index(["bits", "seed"])["top1"]
+    differences = paired_differences(results, reference)  # the report's pairing: same seeds, same bits
+    others = differences[(differences["label"] != reference) & ~differences["label"].str.startswith(f"{reference} (")]
     rows = []
-    for (quantizer, variant, bits), group in quantized.groupby(["quantizer", "variant", "bits"], sort=True):
-        if quantizer == reference:
-            continue
-        pairs = [row.top1 - baseline[(bits, row.seed)] for row in group.itertuples() if (bits, row.seed) in baseline.index]
-        if len(pairs) < 2:
-            continue
-        series = pd.Series(pairs, dtype=float)
-        sd = float(series.std(ddof=1))
+    for row in others[others["pairs"] >= 2].sort_values(["label", "bits"]).itertuples():
+        sd, count = float(row.sd), int(row.pairs)
         by_width = seeds_for_half_width(sd, half_width_target) if half_width_target is not None else None
         by_power = seeds_for_power(detect, sd, power, alpha) if detect is not None else None
         wanted = [n for n in (by_width, by_power) if n is not None]
         unreachable = (half_width_target is not None and by_width is None) or (detect is not None and by_power is None)
         needed = None if unreachable else max(wanted)
-        rows.append({"label": row_label(quantizer, str(variant)), "bits": int(bits), "difference": float(series.mean()),
-                     "sd": sd, "seeds": len(pairs), "half_width_now": half_width(sd, len(pairs)),
-                     "seeds_for_half_width": by_width, "seeds_for_power": by_power, "needed": needed,
-                     "extra_cells": None if needed is None else max(0, needed - len(pairs))})
+        rows.append({"label": row.label, "bits": int(row.bits), "difference": float(row.difference), "sd": sd,
+                     "seeds": count, "half_width_now": half_width(sd, count), "seeds_for_half_width": by_width,
+                     "seeds_for_power": by_power, "needed": needed,
+                     "extra_cells": None if needed is None else max(0, needed - count)})
     if not rows:
         raise QuantbenchError(f"{directory}: no quantizer shares 2 or more seeds with '{reference}' at any bit width")
     table = pd.DataFrame(rows)
